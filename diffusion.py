@@ -1,0 +1,112 @@
+"""Masked diffusion (MDLM, Sahoo et al. 2024): the forward process that masks tokens, the continuous-time
+NELBO that trains the denoiser, and the reverse process that samples from it.
+
+Time runs from t = 0 (clean data) to t = 1 (every token is MASK). α(t) is the probability that a token is
+still clean at time t. The denoiser is any function (x_t, t) -> logits over x_0; this file never builds one."""
+import math
+from typing import Callable, Iterator
+from tinygrad import Device, Tensor, dtypes
+
+Denoiser = Callable[[Tensor, Tensor], Tensor]
+SCHEDULES = ("loglinear", "cosine")
+
+def _cos(x): return x.cos() if isinstance(x, Tensor) else math.cos(x)
+def _sin(x): return x.sin() if isinstance(x, Tensor) else math.sin(x)
+
+def alpha(t, schedule:str="loglinear"):
+  """α(t) for a float or a Tensor of times."""
+  if schedule == "loglinear": return 1 - t                 # mask probability t
+  if schedule == "cosine": return _cos(t * (math.pi / 2))  # mask probability 1 − cos(πt/2)
+  raise ValueError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
+
+def weight(t, schedule:str="loglinear"):
+  """The NELBO weight w(t) = −α′(t) / (1 − α(t))."""
+  if schedule == "loglinear": return 1 / t
+  if schedule == "cosine": return (math.pi / 2) * _sin(t * (math.pi / 2)) / (1 - _cos(t * (math.pi / 2)))
+  raise ValueError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
+
+def antithetic_times(batch_size:int, u:Tensor|None=None, eps:float=1e-3) -> Tensor:
+  """Times spread evenly over the batch with one random offset: the same expectation, much less variance."""
+  u = Tensor.rand(1) if u is None else u
+  return eps + (1 - eps) * ((u + Tensor.arange(batch_size) / batch_size) % 1)  # t_i = ε + (1−ε)·((u + i/B) mod 1)
+
+def forward_process(x0:Tensor, t:Tensor, mask_id:int, schedule:str="loglinear", u:Tensor|None=None) -> tuple[Tensor, Tensor]:
+  """q(x_t | x_0): each token independently becomes MASK with probability 1 − α(t). Returns (x_t, masked)."""
+  u = Tensor.rand(*x0.shape) if u is None else u
+  masked = u < (1 - alpha(t, schedule)).unsqueeze(1)
+  return masked.where(mask_id, x0), masked
+
+def nelbo(denoiser:Denoiser, x0:Tensor, t:Tensor, mask_id:int, schedule:str="loglinear", u:Tensor|None=None) -> Tensor:
+  """The continuous-time negative ELBO in nats per token, an upper bound on −log p(x_0) / L.
+
+  NELBO = E_t E_{x_t} [ w(t) · Σ_{masked i} −log p_θ(x_0^i | x_t) ] / L. Unmasked positions contribute exactly
+  nothing: under SUBS they are copied from x_t, so the reverse process has nothing left to predict there.
+  Dropping w(t) (the mean masked cross-entropy many toy models report) is not a bound on anything."""
+  x_t, masked = forward_process(x0, t, mask_id, schedule, u)
+  log_p = denoiser(x_t, t).log_softmax(-1).gather(-1, x0.unsqueeze(-1)).squeeze(-1)  # log p_θ(x_0^i | x_t)
+  return (masked.where(-log_p, 0) * weight(t, schedule).unsqueeze(1)).sum() / x0.numel()
+
+# ***** the reverse process *****
+
+def noise_dtype():
+  """float64 where the device has it: float32 Gumbel noise is truncated in its tail, which lowers the effective
+  temperature and makes samples repetitive (Zheng et al. 2024)."""
+  return dtypes.float32 if Device.DEFAULT.split(":")[0] in ("METAL", "WEBGPU") else dtypes.float64
+
+def gumbel(*shape) -> Tensor:
+  return -(-Tensor.rand(*shape, dtype=noise_dtype()).clip(1e-300, 1).log()).log()  # G = −log(−log u)
+
+def nucleus(logits:Tensor, top_p:float, iters:int=24) -> Tensor:
+  """Top-p: keep the most likely tokens whose probabilities sum to at least top_p, by bisecting the cut-off
+  probability (a sort over the vocabulary at every position is far slower here)."""
+  p = logits.softmax(-1)
+  lo, hi = Tensor.zeros(*p.shape[:-1], 1), p.max(-1, keepdim=True)  # the cut-off lies in [lo, hi]
+  for _ in range(iters):
+    mid = (lo + hi) / 2
+    enough = ((p >= mid).where(p, 0).sum(-1, keepdim=True) >= top_p)
+    lo, hi = enough.where(mid, lo), enough.where(hi, mid)
+  return (p >= lo).where(logits, -math.inf)
+
+def draw(logits:Tensor, noise:Tensor, temperature:float, top_p:float) -> Tensor:
+  """A categorical sample per position by Gumbel-max: argmax(logits/τ + G). τ = 0 is greedy."""
+  if temperature == 0: return logits.argmax(-1)
+  if top_p < 1: logits = nucleus(logits, top_p)
+  return (logits.cast(noise.dtype) / temperature + noise).argmax(-1)
+
+def time_grid(steps:int) -> list[float]: return [1 - i / steps for i in range(steps + 1)]
+
+def sample(denoiser:Denoiser, x:Tensor, mask_id:int, steps:int, schedule:str="loglinear", method:str="ancestral",
+           cache:bool=False, temperature:float=1.0, top_p:float=1.0) -> Iterator[tuple[Tensor, float, int]]:
+  """Run the reverse process from t = 1 to 0 and yield (x_s, s, NFE) after every step.
+
+  x holds MASK where tokens are to be generated; every other position is frozen (a prompt, infilling context)
+  and, like every token once revealed, is never changed (SUBS carry-over). `cache` may be set only when the
+  denoiser ignores t: then p_θ depends on x_t alone and its output is reused until a token changes.
+
+  ancestral: from t to s each masked token is revealed with probability (α(s) − α(t)) / (1 − α(t)), drawn
+    from p_θ(· | x_t). Each position's Gumbel noise is fixed for the whole run and used once, when it is
+    revealed, so the draw is exact and the cached and uncached samplers give the same samples.
+  confidence: each step reveals the most confident masked tokens (MaskGIT, LLaDA's low-confidence remasking),
+    as many as the schedule expects to be revealed between t and s."""
+  if method not in ("ancestral", "confidence"): raise ValueError(f"unknown sampler {method!r}: use ancestral or confidence")
+  B, T = x.shape
+  n_gen = (x == mask_id).sum(-1, keepdim=True)  # positions to generate, per row
+  noise, logits, nfe = None, None, 0
+  for t, s in zip(time_grid(steps)[:-1], time_grid(steps)[1:]):
+    masked = x == mask_id
+    if logits is None or not cache:
+      logits, nfe = denoiser(x, Tensor([t] * B)), nfe + 1
+      if noise is None or method == "confidence": noise = gumbel(*logits.shape).realize()
+      tokens = draw(logits, noise, temperature, top_p).realize()
+    if method == "ancestral":
+      reveal = masked & (Tensor.rand(B, T) < (alpha(s, schedule) - alpha(t, schedule)) / (1 - alpha(t, schedule)))
+    else:
+      confidence = masked.where(logits.softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1), -1)
+      k = masked.sum(-1, keepdim=True) - (n_gen * (1 - alpha(s, schedule))).round().cast(dtypes.int32)  # expected reveals
+      # rank of each position among its row by confidence, ties broken by position
+      c_i, c_j, idx = confidence.unsqueeze(2), confidence.unsqueeze(1), Tensor.arange(T)
+      rank = ((c_j > c_i) | ((c_j == c_i) & (idx.reshape(1, 1, T) < idx.reshape(1, T, 1)))).sum(-1)
+      reveal = masked & (rank < k)
+    x = reveal.where(tokens, x).realize()
+    if cache and reveal.any().item(): logits = None  # x_t changed: the next step needs a fresh p_θ
+    yield x, s, nfe

@@ -1,0 +1,113 @@
+"""The denoiser: a bidirectional transformer with adaLN-Zero time conditioning (a DiT) that reads a
+partly masked sequence x_t and returns logits for the clean tokens x_0 at every position.
+Also the Config and checkpoint save/load, so that everything about the network lives in one file."""
+import json, math, os
+from dataclasses import asdict, dataclass
+from tinygrad import Tensor, dtypes, nn
+from tinygrad.nn.state import get_state_dict, safe_load, safe_save
+
+@dataclass
+class Config:
+  vocab_size: int = 8193   # real tokens (the compact vocabulary with <unk>); the MASK id is vocab_size
+  seq_len: int = 128
+  dim: int = 128
+  n_layers: int = 4
+  n_heads: int = 4
+  time_cond: bool = True   # off: the network sees only x_t (MDLM: the mask pattern already tells the noise level)
+
+  @property
+  def mask_id(self) -> int: return self.vocab_size
+  @property
+  def padded_vocab(self) -> int: return (self.vocab_size + 1 + 63) // 64 * 64  # tokens + MASK, rounded up for fast matmuls
+
+def rmsnorm(x:Tensor, eps=1e-6) -> Tensor: return x * (x.float().square().mean(-1, keepdim=True) + eps).rsqrt().cast(x.dtype)
+
+def modulate(x:Tensor, shift:Tensor, scale:Tensor) -> Tensor: return rmsnorm(x) * (1 + scale) + shift
+
+def rope_tables(seq_len:int, head_dim:int) -> tuple[Tensor, Tensor]:
+  # angle(p, i) = p · 10000^(-2i/head_dim), for the half-split rotation below
+  angle = Tensor.arange(seq_len).float().unsqueeze(1) * (10000 ** (-Tensor.arange(0, head_dim, 2).float() / head_dim)).unsqueeze(0)
+  return angle.cos().contiguous().is_param_(False), angle.sin().contiguous().is_param_(False)
+
+def rope(x:Tensor, cos:Tensor, sin:Tensor) -> Tensor:
+  # rotate each pair (x1_i, x2_i) by its angle: [x1·cos − x2·sin, x2·cos + x1·sin]
+  x1, x2 = x.chunk(2, dim=-1)
+  return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
+
+def zero_linear(d_in:int, d_out:int) -> nn.Linear:
+  """adaLN-Zero: modulation starts at zero, so every block is the identity at initialisation."""
+  lin = nn.Linear(d_in, d_out)
+  lin.weight, lin.bias = Tensor.zeros(d_out, d_in).contiguous(), Tensor.zeros(d_out).contiguous()
+  return lin
+
+class Block:
+  def __init__(self, dim:int, n_heads:int):
+    self.n_heads = n_heads
+    self.qkv, self.proj = nn.Linear(dim, 3 * dim, bias=False), nn.Linear(dim, dim, bias=False)
+    self.up, self.down = nn.Linear(dim, 4 * dim, bias=False), nn.Linear(4 * dim, dim, bias=False)
+    self.ada = zero_linear(dim, 6 * dim)
+
+  def __call__(self, x:Tensor, c:Tensor, cos:Tensor, sin:Tensor) -> Tensor:
+    B, T, D = x.shape
+    shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c.silu()).unsqueeze(1).chunk(6, dim=-1)
+    q, k, v = [y.reshape(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)
+               for y in self.qkv(modulate(x, shift1, scale1)).chunk(3, dim=-1)]
+    attn = rope(q, cos, sin).scaled_dot_product_attention(rope(k, cos, sin), v)  # bidirectional: no causal mask
+    x = x + gate1 * self.proj(attn.transpose(1, 2).reshape(B, T, D))            # x + gate·f(rmsnorm(x)·(1+scale) + shift)
+    return x + gate2 * self.down(self.up(modulate(x, shift2, scale2)).gelu())   # tinygrad's gelu is the tanh form
+
+def time_features(t:Tensor, n:int=256) -> Tensor:
+  # sinusoidal features of 1000·t: [cos(1000·t·f_i), sin(1000·t·f_i)], f_i = 10000^(-i/(n/2))
+  freqs = (-math.log(10000) * Tensor.arange(n // 2).float() / (n // 2)).exp()
+  a = 1000 * t.float().unsqueeze(1) * freqs.unsqueeze(0)
+  return a.cos().cat(a.sin(), dim=1)
+
+class Denoiser:
+  def __init__(self, cfg:Config):
+    self.cfg = cfg
+    self.tok_emb = Tensor.normal(cfg.padded_vocab, cfg.dim, std=0.02).contiguous()
+    self.t_in, self.t_out = nn.Linear(256, cfg.dim), nn.Linear(cfg.dim, cfg.dim)
+    self.blocks = [Block(cfg.dim, cfg.n_heads) for _ in range(cfg.n_layers)]
+    self.ada_final = zero_linear(cfg.dim, 2 * cfg.dim)
+    self._rope = rope_tables(cfg.seq_len, cfg.dim // cfg.n_heads)  # underscore: a buffer, not a parameter
+    # SUBS: MASK and padding ids get −∞, so p_θ(x_0 = MASK | x_t) = 0
+    self._subs = (Tensor.arange(cfg.padded_vocab) >= cfg.vocab_size).where(-math.inf, 0.0).contiguous().is_param_(False)
+
+  def __call__(self, x:Tensor, t:Tensor) -> Tensor:
+    """x: (B, T) token ids with MASK where masked; t: (B,) noise levels. Returns (B, T, padded_vocab) logits."""
+    T = x.shape[1]
+    if not self.cfg.time_cond: t = t.zeros_like()
+    c = self.t_out(self.t_in(time_features(t)).silu())
+    h = self.tok_emb[x]
+    cos, sin = self._rope[0][:T], self._rope[1][:T]
+    for block in self.blocks: h = block(h, c, cos, sin)
+    shift, scale = self.ada_final(c.silu()).unsqueeze(1).chunk(2, dim=-1)
+    return (modulate(h, shift, scale) @ self.tok_emb.T).float() + self._subs  # output head tied to the embedding
+
+def parameters(model:Denoiser) -> dict[str, Tensor]:
+  return {k: v for k, v in get_state_dict(model).items() if not k.startswith("_")}
+
+def n_params(model:Denoiser) -> int: return sum(v.numel() for v in parameters(model).values())
+
+# ***** checkpoints: safetensors with the config and driver state as JSON metadata *****
+
+def save_checkpoint(path:str, tensors:dict[str, Tensor], meta:dict):
+  """Written to a temp file, then renamed: a crash mid-write leaves the previous checkpoint intact."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  safe_save({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={k: json.dumps(v) for k, v in meta.items()})
+  with open(tmp, "rb") as f: os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+def load_checkpoint(path:str) -> tuple[dict[str, Tensor], dict]:
+  if not os.path.exists(path): raise FileNotFoundError(f"no checkpoint at {path}: run `python train.py` first (or pass --ckpt)")
+  try:
+    from tinygrad.nn.state import safe_load_metadata
+    meta = {k: json.loads(v) for k, v in safe_load_metadata(path)[2].get("__metadata__", {}).items()}
+    tensors = {k: v.to(None).realize() for k, v in safe_load(path).items()}
+  except Exception as e: raise ValueError(f"{path} is not a readable tinymdlm checkpoint ({type(e).__name__}): delete it or retrain") from e
+  if "config" not in meta: raise ValueError(f"{path} has no model config: it was not written by train.py")
+  return tensors, meta
+
+def config_from(meta:dict) -> Config: return Config(**meta["config"])
+def config_dict(cfg:Config) -> dict: return asdict(cfg)

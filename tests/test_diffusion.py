@@ -1,0 +1,154 @@
+"""The diffusion math against denoisers whose exact posterior we can write down (oracles)."""
+import math
+import numpy as np, pytest
+from tinygrad import Tensor, dtypes
+from diffusion import SCHEDULES, alpha, antithetic_times, forward_process, nelbo, sample, weight
+
+V, PAD = 5, 64                       # real tokens, padded vocabulary (MASK = V)
+P = np.array([0.4, 0.3, 0.15, 0.1, 0.05])
+H = float(-(P * np.log(P)).sum())    # entropy of one token, nats
+
+def log_p_table() -> np.ndarray:
+  logp = np.full(PAD, -np.inf, dtype=np.float32)
+  logp[:V] = np.log(P)
+  return logp
+
+def iid_oracle(x:Tensor, t:Tensor) -> Tensor:
+  """Exact posterior for i.i.d. tokens from P: every position is P, whatever x_t shows."""
+  return Tensor(log_p_table()).reshape(1, 1, PAD).expand(x.shape[0], x.shape[1], PAD)
+
+def repeat_oracle(x:Tensor, t:Tensor) -> Tensor:
+  """Exact posterior for sequences that repeat one token drawn from P: certain once any position is visible."""
+  visible = x != V
+  seen = visible.where(x, -1).max(-1, keepdim=True)                     # the visible token, or −1
+  certain = (Tensor.arange(PAD).reshape(1, 1, PAD) == seen.unsqueeze(-1)).where(0.0, -math.inf)
+  return (seen.unsqueeze(-1) >= 0).where(certain, iid_oracle(x, t))
+
+def estimate(fn, draws:int) -> tuple[float, float]:
+  vals = np.array([fn() for _ in range(draws)])
+  return vals.mean(), vals.std(ddof=1) / math.sqrt(draws)
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_weight_is_minus_alpha_derivative_over_mask_prob(schedule):
+  for t in (0.05, 0.3, 0.5, 0.8, 0.99):
+    h = 1e-6
+    fd = -(alpha(t + h, schedule) - alpha(t - h, schedule)) / (2 * h) / (1 - alpha(t, schedule))
+    assert weight(t, schedule) == pytest.approx(fd, rel=1e-5)
+  tt = Tensor([0.2, 0.7])  # the Tensor path computes the same numbers
+  np.testing.assert_allclose(weight(tt, schedule).numpy(), [weight(0.2, schedule), weight(0.7, schedule)], rtol=1e-5)
+  np.testing.assert_allclose(alpha(tt, schedule).numpy(), [alpha(0.2, schedule), alpha(0.7, schedule)], rtol=1e-5)
+
+def test_schedule_end_points():
+  for s in SCHEDULES:
+    assert alpha(0.0, s) == pytest.approx(1) and alpha(1.0, s) == pytest.approx(0, abs=1e-12)
+  assert weight(0.25, "loglinear") == 4
+  with pytest.raises(ValueError, match="unknown schedule"): alpha(0.5, "linear")
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_empirical_mask_rate_matches_one_minus_alpha(schedule):
+  Tensor.manual_seed(1)
+  ts = [0.1, 0.4, 0.75, 0.95]
+  x0 = Tensor.zeros(len(ts), 4096, dtype=dtypes.int32).contiguous()
+  x_t, masked = forward_process(x0, Tensor(ts), V, schedule)
+  rate = masked.float().mean(-1).numpy()
+  assert ((x_t.numpy() == V) == masked.numpy()).all()
+  for r, t in zip(rate, ts):
+    q = 1 - alpha(t, schedule)
+    assert abs(r - q) < 4 * math.sqrt(q * (1 - q) / 4096)
+
+def test_antithetic_times_cover_the_interval_evenly():
+  t = np.sort(antithetic_times(8, u=Tensor([0.37])).numpy())
+  np.testing.assert_allclose(np.diff(t), (1 - 1e-3) / 8, rtol=1e-5)
+  assert 1e-3 <= t.min() and t.max() <= 1
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_nelbo_of_iid_oracle_is_the_entropy(schedule):
+  Tensor.manual_seed(2)
+  rng = np.random.default_rng(2)
+  def once(): return nelbo(iid_oracle, Tensor(rng.choice(V, size=(64, 32), p=P).astype(np.int32)), antithetic_times(64), V, schedule).item()
+  mean, se = estimate(once, 30)
+  assert abs(mean - H) < 4 * se + 2e-3 * H, (mean, se, H)  # 2e-3: t is drawn from [ε, 1], not [0, 1]
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_nelbo_of_repeat_oracle_is_entropy_over_length(schedule):
+  """The discriminating case: at L = 2 the true NLL is H/2 per token; the unweighted masked mean is H/3."""
+  Tensor.manual_seed(3)
+  rng, L, B = np.random.default_rng(3), 2, 512
+  unweighted = []
+  def once():
+    x0 = Tensor(np.repeat(rng.choice(V, size=(B, 1), p=P), L, axis=1).astype(np.int32))
+    t, u = antithetic_times(B), Tensor.rand(B, L)
+    x_t, masked = forward_process(x0, t, V, schedule, u)
+    log_p = repeat_oracle(x_t, t).log_softmax(-1).gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+    unweighted.append((masked.where(-log_p, 0).sum() / x0.numel()).item())  # no w(t)
+    return nelbo(repeat_oracle, x0, t, V, schedule, u).item()
+  mean, se = estimate(once, 40)
+  assert abs(mean - H / L) < 4 * se + 2e-3 * H, (mean, se, H / L)
+  if schedule == "loglinear":                                      # without w(t) = 1/t the same draws give H/(L+1):
+    assert abs(np.mean(unweighted) - H / (L + 1)) < 0.03 * H
+    assert abs(H / L - H / (L + 1)) > 10 * se                      # far outside our error bars
+
+def test_unmasked_positions_contribute_nothing():
+  Tensor.manual_seed(4)
+  x0, t, u = Tensor.randint(4, 16, high=V), Tensor([0.2, 0.5, 0.7, 0.9]), Tensor.rand(4, 16)
+  _, masked = forward_process(x0, t, V, "loglinear", u)
+  base = Tensor.randn(4, 16, PAD).realize()
+  junk = Tensor.randn(4, 16, PAD).realize()
+  perturbed = masked.unsqueeze(-1).where(base, junk * 100)  # change every output at unmasked positions
+  a = nelbo(lambda x, tt: base, x0, t, V, "loglinear", u).item()
+  b = nelbo(lambda x, tt: perturbed, x0, t, V, "loglinear", u).item()
+  assert 0 < masked.sum().item() < 64 and a == b
+
+def test_nelbo_is_finite_with_minus_inf_logits():
+  """SUBS logits are −∞ at MASK and padding; the loss and its gradient must stay finite."""
+  Tensor.manual_seed(5)
+  w = Tensor.randn(PAD).realize()
+  subs = Tensor(np.where(np.arange(PAD) < V, 0, -np.inf).astype(np.float32))
+  x0 = Tensor.randint(2, 8, high=V)
+  loss = nelbo(lambda x, t: (w + subs).reshape(1, 1, PAD).expand(2, 8, PAD), x0, Tensor([0.5, 0.9]), V)
+  loss.backward()
+  assert math.isfinite(loss.item()) and np.isfinite(w.grad.numpy()).all()
+
+# ***** samplers *****
+
+def run(denoiser, x, steps, **kw):
+  states = [(x.numpy(), 1.0, 0)] + [(xs.numpy(), s, nfe) for xs, s, nfe in sample(denoiser, x, V, steps, **kw)]
+  return states
+
+@pytest.mark.parametrize("method,cache", [("ancestral", False), ("ancestral", True), ("confidence", False)])
+def test_sampler_never_changes_given_or_revealed_tokens(method, cache):
+  Tensor.manual_seed(6)
+  init = np.full((3, 20), V, dtype=np.int32)
+  init[:, :4] = [1, 2, 3, 4]; init[1, 10:12] = 0        # a prompt and infilling context
+  states = run(iid_oracle, Tensor(init), 12, method=method, cache=cache)
+  for (a, _, _), (b, _, _) in zip(states, states[1:]):
+    assert (b[a != V] == a[a != V]).all()                 # given and revealed tokens never change
+  final = states[-1][0]
+  assert (final != V).all() and final.max() < V and (final[init != V] == init[init != V]).all()
+  masks = [(s[0] == V).sum() for s in states]
+  assert masks == sorted(masks, reverse=True) and states[-1][1] == 0
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_ancestral_frequencies_match_iid_oracle(cache):
+  """Chi-square goodness of fit at a fixed seed (critical value for 4 d.o.f. at p = 0.001 is 18.47)."""
+  Tensor.manual_seed(7)
+  final = run(iid_oracle, Tensor.full((32, 64), V).contiguous(), 16, cache=cache)[-1][0]
+  counts = np.bincount(final.ravel(), minlength=V)
+  expected = P * final.size
+  assert ((counts - expected) ** 2 / expected).sum() < 18.47
+
+def test_cached_sampler_matches_uncached_with_fewer_evaluations():
+  x = Tensor.full((2, 8), V).contiguous()
+  Tensor.manual_seed(8)
+  plain = run(repeat_oracle, x, 100)
+  Tensor.manual_seed(8)
+  cached = run(repeat_oracle, x, 100, cache=True)
+  assert all((a[0] == b[0]).all() for a, b in zip(plain, cached))  # same samples, step by step
+  assert plain[-1][2] == 100 and cached[-1][2] <= 2 * 8 + 1        # steps ≫ length: at most one NFE per change
+
+def test_temperature_zero_and_top_p_restrict_to_likely_tokens():
+  Tensor.manual_seed(9)
+  greedy = run(iid_oracle, Tensor.full((4, 16), V).contiguous(), 4, temperature=0)[-1][0]
+  assert (greedy == 0).all()
+  nucleus = run(iid_oracle, Tensor.full((8, 32), V).contiguous(), 4, top_p=0.6)[-1][0]  # keeps {0, 1}: 0.4 + 0.3 ≥ 0.6
+  assert set(np.unique(nucleus)) == {0, 1}
