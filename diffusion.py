@@ -5,7 +5,7 @@ Time runs from t = 0 (clean data) to t = 1 (every token is MASK). α(t) is the p
 still clean at time t. The denoiser is any function (x_t, t) -> logits over x_0; this file never builds one."""
 import math
 from typing import Callable, Iterator
-from tinygrad import Device, Tensor, dtypes
+from tinygrad import Device, Tensor, TinyJit, dtypes
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 SCHEDULES = ("loglinear", "cosine")
@@ -90,23 +90,39 @@ def sample(denoiser:Denoiser, x:Tensor, mask_id:int, steps:int, schedule:str="lo
     as many as the schedule expects to be revealed between t and s."""
   if method not in ("ancestral", "confidence"): raise ValueError(f"unknown sampler {method!r}: use ancestral or confidence")
   B, T = x.shape
-  n_gen = (x == mask_id).sum(-1, keepdim=True)  # positions to generate, per row
-  noise, logits, nfe = None, None, 0
-  for t, s in zip(time_grid(steps)[:-1], time_grid(steps)[1:]):
+  n_gen = (x == mask_id).sum(-1, keepdim=True).realize()  # positions to generate, per row
+  V = denoiser(x, Tensor.ones(B)).shape[-1]               # lazy: builds the graph only to read the logits' width
+
+  @TinyJit
+  def predict(x:Tensor, t:Tensor, noise:Tensor) -> tuple[Tensor, Tensor]:
+    """One network evaluation: a candidate token for every position, and the model's probability of it."""
+    logits = denoiser(x, t)
+    tokens = draw(logits, noise, temperature, top_p)
+    return tokens.realize(), logits.softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1).realize()
+
+  @TinyJit
+  def reveal(x:Tensor, tokens:Tensor, confidence:Tensor, a_t:Tensor, a_s:Tensor) -> tuple[Tensor, Tensor]:
     masked = x == mask_id
-    if logits is None or not cache:
-      logits, nfe = denoiser(x, Tensor([t] * B)), nfe + 1
-      if noise is None or method == "confidence": noise = gumbel(*logits.shape).realize()
-      tokens = draw(logits, noise, temperature, top_p).realize()
     if method == "ancestral":
-      reveal = masked & (Tensor.rand(B, T) < (alpha(s, schedule) - alpha(t, schedule)) / (1 - alpha(t, schedule)))
+      new = masked & (Tensor.rand(B, T) < (a_s - a_t) / (1 - a_t))  # reveal with probability (α(s) − α(t)) / (1 − α(t))
     else:
-      confidence = masked.where(logits.softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1), -1)
-      k = masked.sum(-1, keepdim=True) - (n_gen * (1 - alpha(s, schedule))).round().cast(dtypes.int32)  # expected reveals
-      # rank of each position among its row by confidence, ties broken by position
-      c_i, c_j, idx = confidence.unsqueeze(2), confidence.unsqueeze(1), Tensor.arange(T)
-      rank = ((c_j > c_i) | ((c_j == c_i) & (idx.reshape(1, 1, T) < idx.reshape(1, T, 1)))).sum(-1)
-      reveal = masked & (rank < k)
-    x = reveal.where(tokens, x).realize()
-    if cache and reveal.any().item(): logits = None  # x_t changed: the next step needs a fresh p_θ
+      k = masked.sum(-1, keepdim=True) - (n_gen * (1 - a_s)).round().cast(dtypes.int32)  # the schedule's expected reveals
+      c = masked.where(confidence, -1)
+      idx = Tensor.arange(T)  # rank of each position in its row by confidence, ties broken by position
+      rank = ((c.unsqueeze(1) > c.unsqueeze(2)) | ((c.unsqueeze(1) == c.unsqueeze(2)) & (idx.reshape(1, 1, T) < idx.reshape(1, T, 1)))).sum(-1)
+      new = masked & (rank < k)
+    return new.where(tokens, x).realize(), new.any().realize()
+
+  noise, tokens, nfe = None, None, 0
+  for t, s in zip(time_grid(steps)[:-1], time_grid(steps)[1:]):
+    if tokens is None or not cache:
+      if noise is None or method == "confidence": noise = gumbel(B, T, V).realize()
+      (tokens, confidence), nfe = predict(x, Tensor([t] * B), noise), nfe + 1
+    x, changed = reveal(x, tokens, confidence, Tensor([alpha(t, schedule)]), Tensor([alpha(s, schedule)]))
+    if cache and changed.item(): tokens = None  # x_t changed: the next step needs a fresh p_θ
     yield x, s, nfe
+
+def generate(denoiser:Denoiser, x:Tensor, mask_id:int, steps:int, **kw) -> Tensor:
+  """The final sample of `sample`, for callers that do not watch the steps."""
+  for x, _, _ in sample(denoiser, x, mask_id, steps, **kw): pass
+  return x

@@ -3,8 +3,9 @@ partly masked sequence x_t and returns logits for the clean tokens x_0 at every 
 Also the Config and checkpoint save/load, so that everything about the network lives in one file."""
 import json, math, os
 from dataclasses import asdict, dataclass
-from tinygrad import Tensor, dtypes, nn
-from tinygrad.nn.state import get_state_dict, safe_load, safe_save
+from tinygrad import Device, Tensor, nn
+from tinygrad.dtype import to_dtype
+from tinygrad.nn.state import get_state_dict, safe_load, safe_load_metadata, safe_save
 
 @dataclass
 class Config:
@@ -34,17 +35,22 @@ def rope(x:Tensor, cos:Tensor, sin:Tensor) -> Tensor:
   x1, x2 = x.chunk(2, dim=-1)
   return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
 
-def zero_linear(d_in:int, d_out:int) -> nn.Linear:
+class Linear(nn.Linear):
+  """A linear layer that computes in its input's dtype: float32 master weights, bfloat16/float16 matmuls."""
+  def __call__(self, x:Tensor) -> Tensor:
+    return x.linear(self.weight.cast(x.dtype).T, None if self.bias is None else self.bias.cast(x.dtype))
+
+def zero_linear(d_in:int, d_out:int) -> Linear:
   """adaLN-Zero: modulation starts at zero, so every block is the identity at initialisation."""
-  lin = nn.Linear(d_in, d_out)
+  lin = Linear(d_in, d_out)
   lin.weight, lin.bias = Tensor.zeros(d_out, d_in).contiguous(), Tensor.zeros(d_out).contiguous()
   return lin
 
 class Block:
   def __init__(self, dim:int, n_heads:int):
     self.n_heads = n_heads
-    self.qkv, self.proj = nn.Linear(dim, 3 * dim, bias=False), nn.Linear(dim, dim, bias=False)
-    self.up, self.down = nn.Linear(dim, 4 * dim, bias=False), nn.Linear(4 * dim, dim, bias=False)
+    self.qkv, self.proj = Linear(dim, 3 * dim, bias=False), Linear(dim, dim, bias=False)
+    self.up, self.down = Linear(dim, 4 * dim, bias=False), Linear(4 * dim, dim, bias=False)
     self.ada = zero_linear(dim, 6 * dim)
 
   def __call__(self, x:Tensor, c:Tensor, cos:Tensor, sin:Tensor) -> Tensor:
@@ -63,10 +69,10 @@ def time_features(t:Tensor, n:int=256) -> Tensor:
   return a.cos().cat(a.sin(), dim=1)
 
 class Denoiser:
-  def __init__(self, cfg:Config):
-    self.cfg = cfg
+  def __init__(self, cfg:Config, dtype:str="float32"):
+    self.cfg, self.dtype = cfg, to_dtype(dtype)
     self.tok_emb = Tensor.normal(cfg.padded_vocab, cfg.dim, std=0.02).contiguous()
-    self.t_in, self.t_out = nn.Linear(256, cfg.dim), nn.Linear(cfg.dim, cfg.dim)
+    self.t_in, self.t_out = Linear(256, cfg.dim), Linear(cfg.dim, cfg.dim)
     self.blocks = [Block(cfg.dim, cfg.n_heads) for _ in range(cfg.n_layers)]
     self.ada_final = zero_linear(cfg.dim, 2 * cfg.dim)
     self._rope = rope_tables(cfg.seq_len, cfg.dim // cfg.n_heads)  # underscore: a buffer, not a parameter
@@ -77,12 +83,12 @@ class Denoiser:
     """x: (B, T) token ids with MASK where masked; t: (B,) noise levels. Returns (B, T, padded_vocab) logits."""
     T = x.shape[1]
     if not self.cfg.time_cond: t = t.zeros_like()
-    c = self.t_out(self.t_in(time_features(t)).silu())
-    h = self.tok_emb[x]
+    c = self.t_out(self.t_in(time_features(t)).silu()).cast(self.dtype)
+    h = self.tok_emb[x].cast(self.dtype)
     cos, sin = self._rope[0][:T], self._rope[1][:T]
     for block in self.blocks: h = block(h, c, cos, sin)
     shift, scale = self.ada_final(c.silu()).unsqueeze(1).chunk(2, dim=-1)
-    return (modulate(h, shift, scale) @ self.tok_emb.T).float() + self._subs  # output head tied to the embedding
+    return (modulate(h, shift, scale) @ self.tok_emb.cast(self.dtype).T).float() + self._subs  # head tied to the embedding
 
 def parameters(model:Denoiser) -> dict[str, Tensor]:
   return {k: v for k, v in get_state_dict(model).items() if not k.startswith("_")}
@@ -102,9 +108,8 @@ def save_checkpoint(path:str, tensors:dict[str, Tensor], meta:dict):
 def load_checkpoint(path:str) -> tuple[dict[str, Tensor], dict]:
   if not os.path.exists(path): raise FileNotFoundError(f"no checkpoint at {path}: run `python train.py` first (or pass --ckpt)")
   try:
-    from tinygrad.nn.state import safe_load_metadata
     meta = {k: json.loads(v) for k, v in safe_load_metadata(path)[2].get("__metadata__", {}).items()}
-    tensors = {k: v.to(None).realize() for k, v in safe_load(path).items()}
+    tensors = {k: v.to(Device.DEFAULT).realize() for k, v in safe_load(path).items()}
   except Exception as e: raise ValueError(f"{path} is not a readable tinymdlm checkpoint ({type(e).__name__}): delete it or retrain") from e
   if "config" not in meta: raise ValueError(f"{path} has no model config: it was not written by train.py")
   return tensors, meta

@@ -3,3 +3,15 @@ would pick CL by itself), and import the project's modules from the repository r
 import os, sys
 os.environ.setdefault("DEV", "CPU")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest
+
+TINY = ["--preset", "tiny", "--data", "sample", "--steps", "20", "--eval-every", "10"]
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """A tiny model trained for 20 steps on the bundled sample: its directory holds ckpt.safetensors and log.jsonl."""
+  import train
+  out = tmp_path_factory.mktemp("tiny_run")
+  train.main(TINY + ["--out", str(out)])
+  return out

@@ -1,0 +1,142 @@
+"""Generate text with a trained masked diffusion LM, and watch it condense out of masks.
+
+  python sample.py --visualize                          # animate the reverse process in the terminal
+  python sample.py --prompt "Once upon a time" --num-samples 3
+  python sample.py --prompt "Tom had a [MASK*3] dog. [MASK*20] The end."   # infilling
+  python sample.py --html story.html                    # a self-contained page that replays the denoising"""
+import argparse, html, json, re, sys, time
+import numpy as np
+from tinygrad import Tensor, dtypes
+import diffusion
+from data import DataError, vocab
+from model import Denoiser, config_from, load_checkpoint, parameters
+
+MARKER = re.compile(r"\[MASK(?:\*(\d+))?\]")
+
+def load(path:str) -> tuple[Denoiser, list|None]:
+  """The denoiser from a train.py checkpoint (its EMA weights when it has them) and its vocabulary."""
+  tensors, meta = load_checkpoint(path)
+  model = Denoiser(config_from(meta))
+  prefix = "ema." if any(k.startswith("ema.") for k in tensors) else "model."
+  for k, v in parameters(model).items():
+    if prefix + k not in tensors or tensors[prefix + k].shape != v.shape: raise ValueError(f"{path} lacks {prefix + k}: it was not written by train.py")
+    v.assign(tensors[prefix + k]).realize()
+  return model, (tensors["vocab.keep"].numpy().tolist() if "vocab.keep" in tensors else None)
+
+def template(prompt:str, keep, length:int|None, context:int, mask_id:int) -> np.ndarray:
+  """Token ids with mask_id where text is to be generated. `[MASK]` is one token to fill, `[MASK*N]` N tokens; text
+  outside the markers is kept verbatim. Without markers the prompt is a prefix and the rest, up to length, is generated."""
+  if "[MASK" in MARKER.sub("", prompt): raise ValueError("malformed marker in --prompt: write [MASK] or [MASK*N] with N >= 1")
+  pieces, pos = [], 0
+  for m in MARKER.finditer(prompt):
+    n = int(m.group(1) or 1)
+    if n < 1: raise ValueError("malformed marker in --prompt: [MASK*N] needs N >= 1")
+    pieces += [vocab.encode(prompt[pos:m.start()], keep), np.full(n, mask_id)]
+    pos = m.end()
+  ids = np.concatenate(pieces + [vocab.encode(prompt[pos:], keep)]).astype(np.int32)
+  length = length or (len(ids) if pieces else context)
+  if len(ids) > min(length, context):
+    raise ValueError(f"the prompt is {len(ids)} tokens, more than {'--length ' + str(length) if length < context else 'the model context'} "
+                     f"({min(length, context)}): shorten it" + (" or raise --length" if length < context else ""))
+  return np.concatenate([ids, np.full(length - len(ids), mask_id, np.int32)])
+
+# ***** showing the reverse process: tokens never change once revealed, so a run is its final tokens plus, for each
+# position, the step that revealed it (-1: given by the prompt) *****
+
+def frame_text(tokens, revealed_at, step:int, keep, mask_id:int, color:bool) -> str:
+  """One sequence at one step: masks as dim ░, tokens revealed in this step highlighted."""
+  kind = np.where(revealed_at < 0, 0, np.where(revealed_at < step, 1, np.where(revealed_at == step, 2, 3)))  # given, old, new, masked
+  out, start = [], 0
+  for i in range(1, len(tokens) + 1):
+    if i == len(tokens) or kind[i] != kind[start]:
+      text = vocab.decode(tokens[start:i] if kind[start] != 3 else [mask_id] * (i - start), keep)
+      style = {0: "\x1b[1m", 1: "", 2: "\x1b[1;32m", 3: "\x1b[2m"}[kind[start]]
+      out.append(f"{style}{text}\x1b[0m" if color and style else text)
+      start = i
+  return "".join(out)
+
+def write_html(path:str, runs, frames, keep, mask_id:int):
+  """A single page, no external assets: play/pause and a step slider over the recorded steps."""
+  data = {"frames": frames, "samples": [{"tokens": [vocab.decode([i], keep) for i in tokens], "revealed_at": revealed_at.tolist()}
+                                        for tokens, revealed_at in runs]}
+  page = f"""<!doctype html><meta charset="utf-8"><title>tinymdlm: denoising</title>
+<style>body{{font:16px/1.5 Georgia,serif;max-width:46em;margin:2em auto}}pre{{white-space:pre-wrap}}.m{{color:#bbb}}.n{{background:#c8f7c5}}.g{{font-weight:bold}}</style>
+<h3>tinymdlm: text condensing out of [MASK]s</h3>
+<button id="play">pause</button> <input id="step" type="range" min="0" max="{len(frames) - 1}" value="0" style="width:60%"> <span id="info"></span>
+<div id="out"></div>
+<script id="data" type="application/json">{html.escape(json.dumps(data), quote=False)}</script>
+<script>
+const D = JSON.parse(document.getElementById("data").textContent), S = document.getElementById("step");
+const esc = s => s.replace(/&/g, "&amp;").replace(/</g, "&lt;");
+function show(k) {{
+  S.value = k; const f = D.frames[k];
+  document.getElementById("info").textContent = `step ${{k}}/${{D.frames.length - 1}}  t = ${{f.t.toFixed(3)}}  ${{f.revealed}}% revealed`;
+  document.getElementById("out").innerHTML = D.samples.map(s => "<pre>" + s.tokens.map((w, i) => {{
+    const r = s.revealed_at[i];
+    return r < 0 ? `<span class="g">${{esc(w)}}</span>` : r > k ? '<span class="m">░</span>' : r == k ? `<span class="n">${{esc(w)}}</span>` : esc(w);
+  }}).join("") + "</pre>").join("");
+}}
+let playing = true, k = 0;
+document.getElementById("play").onclick = e => {{ playing = !playing; e.target.textContent = playing ? "pause" : "play"; }};
+S.oninput = () => show(k = +S.value);
+setInterval(() => {{ if (playing) show(k = (k + 1) % D.frames.length); }}, 80);
+show(0);
+</script>
+"""
+  with open(path, "w", encoding="utf-8") as f: f.write(page)
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__[__doc__.index("\n"):])
+  p.add_argument("--ckpt", default="out/ckpt.safetensors", help="a checkpoint written by train.py")
+  p.add_argument("--num-samples", type=int, default=1)
+  p.add_argument("--length", type=int, help="tokens per sample (default: the model's context, or the infilling template)")
+  p.add_argument("--steps", type=int, default=128, help="reverse-process steps")
+  p.add_argument("--sampler", choices=["ancestral", "confidence"], default="ancestral",
+                 help="ancestral is cached automatically when the model has no time conditioning")
+  p.add_argument("--schedule", choices=diffusion.SCHEDULES, default="loglinear")
+  p.add_argument("--temperature", type=float, default=1.0)
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--seed", type=int, default=0, help="same seed, same device: same text")
+  p.add_argument("--prompt", default="", help="a prefix, or a template with [MASK] / [MASK*N] to fill in")
+  p.add_argument("--visualize", action="store_true", help="animate the reverse process (plain snapshots when not a terminal)")
+  p.add_argument("--fps", type=float, default=20)
+  p.add_argument("--html", help="also write a self-contained HTML page replaying the denoising")
+  args = p.parse_args(argv)
+  for name in ("num_samples", "steps", "fps"):
+    if getattr(args, name) <= 0: p.error(f"--{name.replace('_', '-')} must be > 0")
+  if args.length is not None and args.length <= 0: p.error("--length must be > 0")
+  if args.temperature < 0 or not 0 < args.top_p <= 1: p.error("--temperature must be >= 0 and --top-p in (0, 1]")
+
+  try:
+    model, keep = load(args.ckpt)
+    cfg = model.cfg
+    if args.length and args.length > cfg.seq_len: raise ValueError(f"--length {args.length} is more than the model context ({cfg.seq_len})")
+    init = template(args.prompt, keep, args.length, cfg.seq_len, cfg.mask_id)
+  except (DataError, ValueError, FileNotFoundError) as e: sys.exit(f"error: {e}")
+
+  Tensor.manual_seed(args.seed)
+  x = Tensor(np.tile(init, (args.num_samples, 1)).astype(np.int32))
+  revealed_at = np.where(init == cfg.mask_id, args.steps + 1, -1)[None].repeat(args.num_samples, 0)
+  frames, steps = [{"t": 1.0, "revealed": 0}], diffusion.sample(
+    model, x, cfg.mask_id, args.steps, args.schedule, args.sampler, cache=not cfg.time_cond and args.sampler == "ancestral",
+    temperature=args.temperature, top_p=args.top_p)
+  gen = init == cfg.mask_id
+  tty, t0, nfe = sys.stdout.isatty(), time.perf_counter(), 0
+  snapshots = set(np.linspace(0, args.steps, 6).round().astype(int).tolist())
+  for k, (xs, s, nfe) in enumerate(steps, start=1):
+    xs = xs.numpy()
+    revealed_at[(revealed_at > args.steps) & (xs != cfg.mask_id)] = k
+    frames.append({"t": s, "revealed": round(100 * float((xs[:, gen] != cfg.mask_id).mean()) if gen.any() else 100, 1)})
+    if args.visualize and (tty or k in snapshots):
+      head = f"step {k}/{args.steps}  t = {s:.3f}  {frames[-1]['revealed']}% revealed  NFE {nfe}"
+      body = "\n\n".join(frame_text(xs[i], revealed_at[i], k, keep, cfg.mask_id, tty) for i in range(len(xs)))
+      print(("\x1b[H\x1b[J" if tty else "") + head + "\n" + body + ("\n" if tty else "\n" + "-" * 40), flush=True)
+      if tty: time.sleep(1 / args.fps)
+  wall = time.perf_counter() - t0
+  if not args.visualize:
+    for i in range(len(xs)): print(vocab.decode(xs[i], keep) + ("\n" + "-" * 40 if i < len(xs) - 1 else ""))
+  if args.html: write_html(args.html, list(zip(xs, revealed_at)), frames, keep, cfg.mask_id)
+  print(f"{args.num_samples} x {len(init)} tokens | {args.steps} steps | NFE {nfe} | {wall:.1f} s"
+        f"{' (with animation delays)' if args.visualize and tty else ''} | {args.num_samples * gen.sum() / wall:,.0f} tokens/s", file=sys.stderr)
+
+if __name__ == "__main__": main()

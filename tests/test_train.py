@@ -1,0 +1,85 @@
+"""train.py end to end on the tiny preset: logging, evaluation, exact resume, and faults that must lose nothing."""
+import json, math, os, signal
+import numpy as np, pytest
+from tinygrad import Tensor
+import model, train
+from conftest import TINY
+
+def losses(out) -> list[float]:
+  return [json.loads(line)["train_loss"] for line in open(os.path.join(out, "log.jsonl"))]
+
+def test_log_has_every_field_and_the_loss_falls(tiny_run):
+  rows = [json.loads(line) for line in open(tiny_run / "log.jsonl")]
+  assert [r["step"] for r in rows] == list(range(1, 21))
+  for r in rows: assert set(r) == {"step", "tokens", "train_loss", "val_nelbo", "val_ppl", "lr", "tok_per_s", "elapsed_s"}
+  evals = [r for r in rows if r["val_nelbo"] is not None]
+  assert [r["step"] for r in evals] == [10, 20]
+  assert all(math.isclose(r["val_ppl"], math.exp(r["val_nelbo"]), rel_tol=1e-3) for r in evals)
+  assert rows[-1]["tokens"] == 20 * 8 * 32 and rows[-1]["tok_per_s"] > 0
+  first, last = np.mean([r["train_loss"] for r in rows[:5]]), np.mean([r["train_loss"] for r in rows[-5:]])
+  assert last < first, (first, last)                                  # the training loss is noisy: t is random
+  assert evals[1]["val_nelbo"] < evals[0]["val_nelbo"] < math.log(513) - 0.5  # well below uniform over the vocabulary
+
+def test_evaluation_is_deterministic(tiny_run):
+  tensors, meta = model.load_checkpoint(str(tiny_run / "ckpt.safetensors"))
+  m = model.Denoiser(model.config_from(meta))
+  for k, v in model.parameters(m).items(): v.assign(tensors["model." + k]).realize()
+  args = train.resolve(train.parse_args(TINY))
+  from data import prepare
+  ds = prepare.load("sample")
+  keep = tensors["vocab.keep"].numpy()
+  evaluate = train.make_evaluate(m, ds["val"], keep, args, m.cfg.mask_id)
+  a, b = evaluate(), evaluate()
+  assert a == b and 0 < a < 10
+
+def test_resume_reproduces_an_uninterrupted_run(tiny_run, tmp_path, monkeypatch):
+  """Ctrl-C after 7 steps, --resume to 20: the same loss at every step as 20 steps without a break."""
+  batch, calls = train.batch, []
+  def interrupting_batch(*a):
+    calls.append(1)
+    if len(calls) == 7: os.kill(os.getpid(), signal.SIGINT)   # lands during step 7: it finishes, then the run stops
+    return batch(*a)
+  monkeypatch.setattr(train, "batch", interrupting_batch)
+  with pytest.raises(SystemExit) as e: train.main(TINY + ["--out", str(tmp_path)])
+  assert e.value.code == 130 and losses(tmp_path) == losses(tiny_run)[:7]
+  monkeypatch.setattr(train, "batch", batch)
+  train.main(["--out", str(tmp_path), "--resume"])
+  assert losses(tmp_path) == losses(tiny_run)
+
+def test_a_write_killed_before_the_rename_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+  replace, saves = os.replace, []
+  def dying_replace(src, dst):
+    saves.append(dst)
+    if str(dst).endswith(".safetensors") and len([s for s in saves if str(s).endswith(".safetensors")]) == 2: raise OSError("killed")
+    return replace(src, dst)
+  monkeypatch.setattr(model.os, "replace", dying_replace)
+  with pytest.raises(OSError, match="killed"): train.main(TINY + ["--steps", "4", "--eval-every", "2", "--out", str(tmp_path)])
+  tensors, meta = model.load_checkpoint(str(tmp_path / "ckpt.safetensors"))
+  assert meta["step"] == 2 and "model.tok_emb" in tensors
+
+def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+  make = train.make_train_step
+  def poisoned(*a):
+    step, n = make(*a), []
+    def run(*x):
+      n.append(1)
+      return Tensor(float("nan")) if len(n) == 3 else step(*x)
+    return run
+  monkeypatch.setattr(train, "make_train_step", poisoned)
+  with pytest.raises(SystemExit) as e: train.main(TINY + ["--steps", "6", "--eval-every", "2", "--out", str(tmp_path)])
+  assert "loss became nan at step 3" in str(e.value.code) and "last good checkpoint" in str(e.value.code)
+  assert model.load_checkpoint(str(tmp_path / "ckpt.safetensors"))[1]["step"] == 2
+
+def test_resuming_with_another_config_is_refused(tiny_run):
+  with pytest.raises(SystemExit) as e: train.main(["--out", str(tiny_run), "--resume", "--dim", "64"])
+  assert str(e.value.code).startswith("error:") and "dim=32" in str(e.value.code) and "\n" not in str(e.value.code)
+
+def test_an_existing_run_is_never_overwritten(tiny_run):
+  before = os.path.getmtime(tiny_run / "ckpt.safetensors")
+  with pytest.raises(SystemExit) as e: train.main(TINY + ["--out", str(tiny_run)])
+  assert "--resume" in str(e.value.code) and os.path.getmtime(tiny_run / "ckpt.safetensors") == before
+
+@pytest.mark.parametrize("flags", [["--steps", "0"], ["--lr", "-1"], ["--ema", "1.5"], ["--preset", "huge"], ["--vocab-size", "-2"]])
+def test_out_of_range_flags_are_argparse_errors(flags, capsys):
+  with pytest.raises(SystemExit) as e: train.parse_args(flags)
+  assert e.value.code == 2 and "error" in capsys.readouterr().err

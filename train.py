@@ -1,0 +1,219 @@
+"""Train a masked diffusion language model on TinyStories (or your own text) with tinygrad.
+
+  python train.py                          # a preset for this machine's backend, TinyStories (or the bundled sample)
+  python train.py --preset tiny --data sample --steps 50 --out out/tiny
+  python train.py --resume                 # continue out/ckpt.safetensors exactly where it stopped
+
+tinygrad picks the backend (DEV=CPU, DEV=CUDA, DEV=METAL, ...); BEAM= and DEBUG= work as usual."""
+import argparse, json, math, os, signal, sys, time
+import numpy as np
+from tinygrad import Context, Device, Tensor, TinyJit, dtypes, nn
+import diffusion
+from data import DataError, prepare, vocab
+from data.batches import train_batch, val_windows
+from model import Config, Denoiser, config_dict, load_checkpoint, n_params, parameters, save_checkpoint
+
+PRESETS = {  # every value is also a flag
+  "tiny":  dict(dim=32, n_layers=2, n_heads=2, seq_len=32, batch_size=8, vocab_size=512, steps=40, lr=3e-3, warmup=5,
+                eval_every=20, eval_windows=16, eval_draws=1, ema=0.0, dtype="float32"),
+  "small": dict(dim=128, n_layers=4, n_heads=4, seq_len=128, batch_size=16, vocab_size=8192, steps=3000, lr=1e-3, warmup=100,
+                eval_every=250, eval_windows=64, eval_draws=4, ema=0.999, dtype="float32"),
+  "base":  dict(dim=512, n_layers=8, n_heads=8, seq_len=256, batch_size=64, vocab_size=8192, steps=20000, lr=6e-4, warmup=500,
+                eval_every=1000, eval_windows=256, eval_draws=4, ema=0.9999, dtype="bfloat16"),
+}
+ARCH = ("dim", "n_layers", "n_heads", "seq_len", "vocab_size", "time_cond")  # what a resumed run may not change
+
+def positive(kind):
+  def parse(s):
+    v = kind(s)
+    if v <= 0: raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return v
+  return parse
+
+def fraction(s):
+  v = float(s)
+  if not 0 <= v < 1: raise argparse.ArgumentTypeError(f"must be in [0, 1), got {s}")
+  return v
+
+def parse_args(argv=None):
+  """Flags left out are None here; `resolve` fills them from the checkpoint being resumed, the preset, or DEFAULTS."""
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__[__doc__.index("\n"):])
+  p.add_argument("--preset", choices=PRESETS, help="default: small on CPU, base on a GPU")
+  p.add_argument("--data", help="sample (bundled), tinystories (default; falls back to sample offline) or a UTF-8 text file")
+  p.add_argument("--out", default="out", help="directory for ckpt.safetensors and log.jsonl (default: out)")
+  p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+  p.add_argument("--seed", type=int)
+  for name, kind in [("steps", positive(int)), ("batch_size", positive(int)), ("seq_len", positive(int)), ("dim", positive(int)),
+                     ("n_layers", positive(int)), ("n_heads", positive(int)), ("lr", positive(float)), ("warmup", positive(int)),
+                     ("eval_every", positive(int)), ("eval_windows", positive(int)), ("eval_draws", positive(int))]:
+    p.add_argument("--" + name.replace("_", "-"), type=kind)
+  p.add_argument("--vocab-size", type=int, help="keep the K most frequent training tokens (+ <unk>); 0: all of GPT-2")
+  p.add_argument("--ema", type=fraction, help="decay of the weight average used for evaluation and sampling; 0: off")
+  p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype; weights and optimizer stay float32")
+  p.add_argument("--grad-accum", type=positive(int), help="micro-batches per optimizer step (default 1)")
+  p.add_argument("--schedule", choices=diffusion.SCHEDULES, help="noise schedule for training (default loglinear)")
+  p.add_argument("--weight-decay", type=float)
+  p.add_argument("--grad-clip", type=positive(float), help="global gradient-norm clip (default 1.0)")
+  p.add_argument("--no-time-cond", dest="time_cond", action="store_false", default=None, help="the denoiser ignores t (enables the cached sampler)")
+  args = p.parse_args(argv)
+  if args.vocab_size is not None and args.vocab_size < 0: p.error("--vocab-size must be >= 0")
+  args.explicit = {k for k, v in vars(args).items() if v is not None and k not in ("out", "resume")}
+  return args
+
+DEFAULTS = dict(data="tinystories", seed=1337, grad_accum=1, schedule="loglinear", weight_decay=0.0, grad_clip=1.0, time_cond=True)
+
+def resolve(args, saved:dict|None=None):
+  """Fill unset flags: from the run being resumed, else the preset (by backend when not given), else DEFAULTS."""
+  args.preset = args.preset or (saved or {}).get("preset") or ("small" if Device.DEFAULT == "CPU" else "base")
+  for k, v in {**DEFAULTS, **PRESETS[args.preset], **(saved or {})}.items():
+    if getattr(args, k, None) is None: setattr(args, k, v)
+  if args.dim % args.n_heads or (args.dim // args.n_heads) % 2:
+    raise DataError(f"--dim {args.dim} must be a multiple of --n-heads {args.n_heads} with an even head size")
+  return args
+
+def learning_rate(step:int, args) -> float:
+  # linear warm-up, then cosine decay to 10% of the peak
+  return args.lr * min(1, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1, step / args.steps))))
+
+def make_train_step(model, ema, opt, args, mask_id):
+  """One TinyJit for the whole step: forward, NELBO, backward (over micro-batches), clipping, AdamW, EMA."""
+  params, ema_params = list(parameters(model).values()), list(parameters(ema).values()) if ema else []
+
+  @TinyJit
+  @Context(TRAINING=1)
+  def step(x0:Tensor, u_t:Tensor, u_mask:Tensor) -> Tensor:
+    opt.zero_grad()
+    loss = Tensor.zeros(())
+    for i in range(args.grad_accum):
+      micro = diffusion.nelbo(model, x0[i], diffusion.antithetic_times(x0.shape[1], u_t[i]), mask_id, args.schedule, u_mask[i])
+      (micro / args.grad_accum).backward()
+      loss = loss + micro.detach() / args.grad_accum
+    norm = Tensor.stack(*[p.grad.square().sum() for p in params]).sum().sqrt()
+    for p in params: p.grad = p.grad * (args.grad_clip / (norm + 1e-6)).minimum(1)  # g ← g · min(1, c / ‖g‖)
+    updates = opt.schedule_step()
+    for e, p in zip(ema_params, params): e.assign(args.ema * e + (1 - args.ema) * p)  # θ_ema ← d·θ_ema + (1 − d)·θ
+    return loss.realize(*updates, *ema_params)
+  return step
+
+def batch(tokens, keep, args, rng):
+  """A step's data and all its randomness, drawn from one numpy generator so that a resumed run repeats it exactly."""
+  B, T, A = args.batch_size, args.seq_len, args.grad_accum
+  x0 = vocab.to_compact(train_batch(tokens, A * B, T, rng), keep).reshape(A, B, T)
+  return Tensor(x0), Tensor(rng.random((A, 1), dtype=np.float32)), Tensor(rng.random((A, B, T), dtype=np.float32))
+
+def make_evaluate(model, val, keep, args, mask_id):
+  """Validation NELBO over fixed windows with fixed time and mask draws: the same weights always give the same number."""
+  windows = vocab.to_compact(val_windows(val, args.seq_len, args.eval_windows), keep)
+  B = min(args.batch_size, len(windows))
+  windows = windows[: len(windows) // B * B].reshape(-1, B, args.seq_len)
+  rng = np.random.default_rng(0)
+  draws = [(Tensor(w), Tensor(rng.random(1, dtype=np.float32)), Tensor(rng.random(w.shape, dtype=np.float32)))
+           for _ in range(args.eval_draws) for w in windows]
+  step = TinyJit(lambda x0, u_t, u: diffusion.nelbo(model, x0, diffusion.antithetic_times(B, u_t), mask_id, args.schedule, u).realize())
+  return lambda: float(np.mean([step(*d).item() for d in draws]))
+
+def unconditional_sample(model, cfg, keep, steps=64) -> str:
+  x = Tensor.full((1, cfg.seq_len), cfg.mask_id, dtype=dtypes.int32).contiguous()
+  x = diffusion.generate(model, x, cfg.mask_id, steps, cache=not cfg.time_cond)
+  return vocab.decode(x.numpy()[0], keep)
+
+def state(model, ema, opt, keep) -> dict[str, Tensor]:
+  tensors = {f"model.{k}": v for k, v in parameters(model).items()}
+  if ema: tensors.update({f"ema.{k}": v for k, v in parameters(ema).items()})
+  tensors.update({f"opt.m.{i}": m for i, m in enumerate(opt.m)} | {f"opt.v.{i}": v for i, v in enumerate(opt.v)})
+  tensors.update({"opt.b1_t": opt.b1_t, "opt.b2_t": opt.b2_t})
+  if keep is not None: tensors["vocab.keep"] = Tensor(np.asarray(keep, np.int32))
+  return tensors
+
+def check_resumable(meta, args, keep):
+  """A checkpoint continues only the run that wrote it: same architecture, same vocabulary."""
+  for k in ARCH:
+    if getattr(args, k) != meta["args"][k]:
+      raise DataError(f"the checkpoint in {args.out} has {k}={meta['args'][k]}, but you asked for {getattr(args, k)}: "
+                      f"drop --{k.replace('_', '-')} to resume it, or use another --out for a new run")
+  if meta["vocab_keep"] != (None if keep is None else [int(i) for i in keep]):
+    raise DataError(f"the checkpoint in {args.out} was trained on a different vocabulary (data {meta['args']['data']!r}): "
+                    f"resume with the same --data, or use another --out")
+
+def main(argv=None):
+  args = parse_args(argv)
+  ckpt_path, log_path = os.path.join(args.out, "ckpt.safetensors"), os.path.join(args.out, "log.jsonl")
+  try:
+    tensors, meta = (None, None)
+    if args.resume: tensors, meta = load_checkpoint(ckpt_path)
+    elif os.path.exists(ckpt_path): raise DataError(f"{ckpt_path} already exists: pass --resume to continue it, or --out DIR for a new run")
+    resolve(args, meta and meta["args"])
+    ds = prepare.load(args.data, explicit="data" in args.explicit)
+    keep = vocab.top_k(prepare.train_counts(ds["meta"]), args.vocab_size)
+    if meta: check_resumable(meta, args, keep)
+  except (DataError, ValueError, FileNotFoundError) as e: sys.exit(f"error: {e}")
+
+  cfg = Config(vocab_size=vocab.n_tokens(keep), seq_len=args.seq_len, dim=args.dim, n_layers=args.n_layers,
+               n_heads=args.n_heads, time_cond=args.time_cond)
+  Tensor.manual_seed(args.seed)
+  model = Denoiser(cfg, dtype=args.dtype)
+  ema = Denoiser(cfg, dtype=args.dtype) if args.ema > 0 else None
+  opt = nn.optim.AdamW(list(parameters(model).values()), lr=args.lr, b1=0.9, b2=0.95, weight_decay=args.weight_decay)
+  if ema:
+    for e, p in zip(parameters(ema).values(), parameters(model).values()): e.assign(p.detach()).realize()
+  step, rng, elapsed, tokens_seen = 0, np.random.default_rng(args.seed), 0.0, 0
+  if meta:
+    for k, v in state(model, ema, opt, keep).items():
+      if k not in tensors or tensors[k].shape != v.shape: sys.exit(f"error: {ckpt_path} lacks {k} or has another shape: it was not written by this train.py")
+      v.assign(tensors[k].cast(v.dtype)).realize()
+    step, elapsed, tokens_seen = meta["step"], meta["elapsed_s"], meta["tokens"]
+    rng.bit_generator.state = meta["rng"]
+    with open(log_path) as f: kept = [l for l in f if json.loads(l)["step"] <= step]  # drop lines past the checkpoint
+    with open(log_path + ".tmp", "w") as f: f.writelines(kept)
+    os.replace(log_path + ".tmp", log_path)
+  os.makedirs(args.out, exist_ok=True)
+
+  tok_per_step = args.batch_size * args.seq_len * args.grad_accum
+  print(f"device {Device.DEFAULT} | preset {args.preset} | data {ds['name']} ({len(ds['train']):,} train tokens) | "
+        f"{n_params(model) / 1e6:.2f}M parameters | vocab {cfg.vocab_size} | {tok_per_step:,} tokens/step | {args.dtype}")
+  train_step = make_train_step(model, ema, opt, args, cfg.mask_id)
+  evaluate = make_evaluate(ema or model, ds["val"], keep, args, cfg.mask_id)
+
+  def checkpoint():
+    save_checkpoint(ckpt_path, state(model, ema, opt, keep), {
+      "config": config_dict(cfg), "step": step, "tokens": tokens_seen, "elapsed_s": elapsed, "rng": rng.bit_generator.state,
+      "vocab_keep": None if keep is None else [int(i) for i in keep],
+      "args": {k: v for k, v in vars(args).items() if k not in ("explicit", "resume", "out")}})
+
+  stop = []
+  def on_sigint(*_):
+    if stop: raise KeyboardInterrupt
+    stop.append(True); print("\nstopping after this step (Ctrl-C again to abort without saving)", flush=True)
+  signal.signal(signal.SIGINT, on_sigint)
+
+  log, tty, timed, timed_s = open(log_path, "a"), sys.stdout.isatty(), 0, 0.0
+  while step < args.steps and not stop:
+    opt.lr.assign(Tensor([learning_rate(step, args)], dtype=opt.lr.dtype)).realize()
+    data = batch(ds["train"], keep, args, rng)
+    t0 = time.perf_counter()
+    loss = train_step(*data).item()
+    dt = time.perf_counter() - t0
+    if not math.isfinite(loss):
+      sys.exit(f"\nerror: the loss became {loss} at step {step + 1}; {ckpt_path} still holds the last good checkpoint "
+               f"(lower --lr, or raise --warmup, and --resume)")
+    step, elapsed, tokens_seen = step + 1, elapsed + dt, tokens_seen + tok_per_step
+    if step > 2 or args.resume: timed, timed_s = timed + tok_per_step, timed_s + dt  # the first steps compile kernels
+    tok_s = timed / timed_s if timed_s else 0.0
+    row = {"step": step, "tokens": tokens_seen, "train_loss": round(loss, 4), "val_nelbo": None, "val_ppl": None,
+           "lr": learning_rate(step - 1, args), "tok_per_s": round(tok_s, 1), "elapsed_s": round(elapsed, 2)}
+    eta = (args.steps - step) * tok_per_step / tok_s if tok_s else 0
+    line = f"step {step}/{args.steps} | loss {loss:.4f} | lr {row['lr']:.2e} | {tok_s:,.0f} tok/s | ETA {eta // 60:.0f}m{eta % 60:02.0f}s"
+    if tty: print("\r" + line, end="", flush=True)
+    elif step % 10 == 0 or step == 1: print(line, flush=True)
+    if step % args.eval_every == 0 or step == args.steps:
+      row["val_nelbo"] = round(evaluate(), 4)
+      row["val_ppl"] = round(math.exp(row["val_nelbo"]), 2)
+      print(f"\nstep {step}: val NELBO {row['val_nelbo']:.4f} nats/token, perplexity <= {row['val_ppl']:.2f}"
+            f"\n  sample: {unconditional_sample(ema or model, cfg, keep)!r}", flush=True)
+    log.write(json.dumps(row) + "\n"); log.flush()
+    if row["val_nelbo"] is not None: checkpoint()
+  if stop: checkpoint()
+  print(f"\n{'interrupted: ' if stop else ''}checkpoint at step {step} in {ckpt_path}" + (" (continue with --resume)" if stop else ""))
+  if stop: sys.exit(130)
+
+if __name__ == "__main__": main()
