@@ -4,7 +4,7 @@
   python sample.py --prompt "Once upon a time" --num-samples 3
   python sample.py --prompt "Tom had a [MASK*3] dog. [MASK*20] The end."   # infilling
   python sample.py --html story.html                    # a self-contained page that replays the denoising"""
-import argparse, html, json, re, sys, time
+import argparse, json, re, sys, time
 import numpy as np
 from tinygrad import Tensor, dtypes
 import diffusion
@@ -59,12 +59,13 @@ def write_html(path:str, runs, frames, keep, mask_id:int):
   """A single page, no external assets: play/pause and a step slider over the recorded steps."""
   data = {"frames": frames, "samples": [{"tokens": [vocab.decode([i], keep) for i in tokens], "revealed_at": revealed_at.tolist()}
                                         for tokens, revealed_at in runs]}
+  payload = json.dumps(data).replace("<", "\\u003c")  # inside <script> only "</script>" could break out
   page = f"""<!doctype html><meta charset="utf-8"><title>tinymdlm: denoising</title>
 <style>body{{font:16px/1.5 Georgia,serif;max-width:46em;margin:2em auto}}pre{{white-space:pre-wrap}}.m{{color:#bbb}}.n{{background:#c8f7c5}}.g{{font-weight:bold}}</style>
 <h3>tinymdlm: text condensing out of [MASK]s</h3>
 <button id="play">pause</button> <input id="step" type="range" min="0" max="{len(frames) - 1}" value="0" style="width:60%"> <span id="info"></span>
 <div id="out"></div>
-<script id="data" type="application/json">{html.escape(json.dumps(data), quote=False)}</script>
+<script id="data" type="application/json">{payload}</script>
 <script>
 const D = JSON.parse(document.getElementById("data").textContent), S = document.getElementById("step");
 const esc = s => s.replace(/&/g, "&amp;").replace(/</g, "&lt;");
