@@ -1,0 +1,54 @@
+"""Compact vocabularies: the K most frequent GPT-2 ids of the training split get compact ids 0..K-1 (most frequent
+first) and every other id becomes <unk> = K; the model's MASK id is K+1. `keep` (keep[i] = GPT-2 id of compact id i)
+is all a checkpoint must store to decode anywhere. keep=None stands for the full GPT-2 vocabulary, where ids are
+GPT-2 ids and MASK is 50257."""
+import itertools
+import numpy as np
+from data import DataError
+from data.tokenizer import EOT, gpt2
+
+UNK, MASK = "⁇", "░"  # how <unk> and ids past the vocabulary (MASK) decode: visible, and one character wide
+
+def top_k(train_counts, K):
+  """keep for a K-token vocabulary (None for K=0: full GPT-2). Ties go to the lower id, exactly as the PyTorch peer's
+  np.argsort(-counts, kind="stable")[:K], so both projects map ids identically."""
+  if K == 0: return None
+  if not 0 < K <= len(train_counts): raise DataError(f"vocab size {K} is out of range: use 1..{len(train_counts)}, or 0 for all of GPT-2")
+  return np.argsort(-np.asarray(train_counts, np.int64), kind="stable")[:K]
+
+def n_tokens(keep):
+  """Ids the data can hold: K kept ids + <unk>, or all of GPT-2."""
+  return EOT + 1 if keep is None else len(keep) + 1
+
+def to_compact(gpt2_ids, keep):
+  """GPT-2 ids -> compact int32 ids through a lookup table; ids outside keep become <unk>. Map a batch at a time:
+  a whole TinyStories stream as int32 would take 2 GB."""
+  ids = np.asarray(gpt2_ids)
+  if keep is None: return ids.astype(np.int32)
+  table = np.full(EOT + 1, len(keep), np.int32)
+  table[keep] = np.arange(len(keep), dtype=np.int32)
+  return table[ids]
+
+def to_gpt2(compact_ids, keep):
+  """Compact ids -> GPT-2 ids; <unk> and MASK have none, so they raise (decode shows them instead)."""
+  ids = np.asarray(compact_ids).astype(np.int64)
+  if ids.size and (ids.min() < 0 or ids.max() >= n_tokens(keep) - (keep is not None)):
+    raise DataError(f"ids {ids.min()}..{ids.max()} include some with no GPT-2 token (<unk> or MASK): use decode() to show them")
+  return ids if keep is None else np.asarray(keep)[ids]
+
+def decode(compact_ids, keep):
+  """Text of compact ids: <unk> shows as ⁇ and any id past the vocabulary (MASK, padding) as ░, so partly denoised
+  samples can be printed as they are. Runs of real tokens decode together, keeping multi-byte characters whole."""
+  ids = np.asarray(compact_ids).reshape(-1).astype(np.int64)
+  if ids.size and ids.min() < 0: raise DataError(f"cannot decode negative id {ids.min()}")
+  tokens = EOT + 1 if keep is None else len(keep)
+  kind = (ids >= tokens).astype(int) + (ids >= n_tokens(keep))  # 0: token, 1: <unk>, 2: past the vocabulary
+  out = []
+  for k, run in itertools.groupby(zip(kind, ids), key=lambda x: x[0]):
+    run = [int(i) for _, i in run]
+    out.append(gpt2().decode(to_gpt2(run, keep).tolist()) if k == 0 else (UNK if k == 1 else MASK) * len(run))
+  return "".join(out)
+
+def encode(text, keep):
+  """Compact ids of a prompt (plain text: a literal <|endoftext|> in it is text, not EOT)."""
+  return to_compact(np.array(gpt2().encode_ordinary(text), np.int64), keep)
