@@ -5,7 +5,7 @@ Time runs from t = 0 (clean data) to t = 1 (every token is MASK). α(t) is the p
 still clean at time t. The denoiser is any function (x_t, t) -> logits over x_0; this file never builds one."""
 import math
 from typing import Callable, Iterator
-from tinygrad import Device, Tensor, TinyJit, dtypes
+from tinygrad import Context, Device, Tensor, TinyJit, dtypes
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 SCHEDULES = ("loglinear", "cosine")
@@ -45,6 +45,29 @@ def nelbo(denoiser:Denoiser, x0:Tensor, t:Tensor, mask_id:int, schedule:str="log
   x_t, masked = forward_process(x0, t, mask_id, schedule, u)
   log_p = denoiser(x_t, t).log_softmax(-1).gather(-1, x0.unsqueeze(-1)).squeeze(-1)  # log p_θ(x_0^i | x_t)
   return (masked.where(-log_p, 0) * weight(t, schedule).unsqueeze(1)).sum() / x0.numel()
+
+def train_step(denoiser:Denoiser, opt, mask_id:int, schedule:str="loglinear", grad_clip:float=1.0,
+               ema_params:list[Tensor]|None=None, ema:float=0.0) -> TinyJit:
+  """One TinyJit for a whole optimizer step: NELBO and backward over the micro-batches, global-norm clipping, the
+  optimizer, and the weight average. All randomness comes in as inputs (x0: (A, B, T) micro-batches, u_t: (A, 1) time
+  offsets, u_mask: (A, B, T) mask draws), so a run can be repeated exactly from its data generator."""
+  params = opt.params
+
+  @TinyJit
+  @Context(TRAINING=1)
+  def step(x0:Tensor, u_t:Tensor, u_mask:Tensor) -> Tensor:
+    opt.zero_grad()
+    A, loss = x0.shape[0], Tensor.zeros(())
+    for i in range(A):
+      micro = nelbo(denoiser, x0[i], antithetic_times(x0.shape[1], u_t[i]), mask_id, schedule, u_mask[i])
+      (micro / A).backward()
+      loss = loss + micro.detach() / A
+    norm = Tensor.stack(*[p.grad.square().sum() for p in params]).sum().sqrt()
+    for p in params: p.grad = p.grad * (grad_clip / (norm + 1e-6)).minimum(1)  # g ← g · min(1, c / ‖g‖)
+    updates = opt.schedule_step()
+    for e, p in zip(ema_params or [], params): e.assign(ema * e + (1 - ema) * p)  # θ_ema ← d·θ_ema + (1 − d)·θ
+    return loss.realize(*updates, *(ema_params or []))
+  return step
 
 # ***** the reverse process *****
 

@@ -1,7 +1,7 @@
 """The denoiser: a bidirectional transformer with adaLN-Zero time conditioning (a DiT) that reads a
 partly masked sequence x_t and returns logits for the clean tokens x_0 at every position.
 Also the Config and checkpoint save/load, so that everything about the network lives in one file."""
-import json, math, os
+import argparse, json, math, os
 from dataclasses import asdict, dataclass
 from tinygrad import Device, Tensor, nn
 from tinygrad.dtype import to_dtype
@@ -20,6 +20,33 @@ class Config:
   def mask_id(self) -> int: return self.vocab_size
   @property
   def padded_vocab(self) -> int: return (self.vocab_size + 1 + 63) // 64 * 64  # tokens + MASK, rounded up for fast matmuls
+
+PRESETS = {  # named sizes of the network and its batch, shared by train.py and bench.py (train.py adds its schedule)
+  "tiny":  dict(dim=32, n_layers=2, n_heads=2, seq_len=32, vocab_size=512, batch_size=8, dtype="float32"),    # seconds: tests
+  "small": dict(dim=128, n_layers=4, n_heads=4, seq_len=128, vocab_size=8192, batch_size=16, dtype="float32"),  # a CPU
+  "base":  dict(dim=512, n_layers=8, n_heads=8, seq_len=256, vocab_size=8192, batch_size=64, dtype="bfloat16"), # one GPU
+}
+
+def positive(kind):
+  def parse(s):
+    v = kind(s)
+    if v <= 0: raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return v
+  return parse
+
+def add_size_flags(p:argparse.ArgumentParser):
+  """The flags that override a preset's network and batch; left out, they stay None for the preset to fill."""
+  p.add_argument("--preset", choices=PRESETS, help="default: small on CPU, base on a GPU")
+  for name in ("dim", "n_layers", "n_heads", "seq_len", "batch_size"): p.add_argument("--" + name.replace("_", "-"), type=positive(int))
+  p.add_argument("--vocab-size", type=int, help="keep the K most frequent training tokens (+ <unk>); 0: all of GPT-2")
+  p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype; weights and optimizer stay float32")
+  p.add_argument("--no-time-cond", dest="time_cond", action="store_false", default=None, help="the denoiser ignores t (enables the cached sampler)")
+
+def check_size(args):
+  if args.vocab_size < 0: raise ValueError(f"--vocab-size must be >= 0, got {args.vocab_size}")
+  if args.dim % args.n_heads or (args.dim // args.n_heads) % 2:
+    raise ValueError(f"--dim {args.dim} must be a multiple of --n-heads {args.n_heads}, with an even head size")
+  return args
 
 def rmsnorm(x:Tensor, eps=1e-6) -> Tensor: return x * (x.float().square().mean(-1, keepdim=True) + eps).rsqrt().cast(x.dtype)
 

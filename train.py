@@ -7,28 +7,19 @@
 tinygrad picks the backend (DEV=CPU, DEV=CUDA, DEV=METAL, ...); BEAM= and DEBUG= work as usual."""
 import argparse, json, math, os, signal, sys, time
 import numpy as np
-from tinygrad import Context, Device, Tensor, TinyJit, dtypes, nn
+from tinygrad import Device, Tensor, TinyJit, dtypes, nn
 import diffusion
 from data import DataError, prepare, vocab
 from data.batches import train_batch, val_windows
-from model import Config, Denoiser, config_dict, load_checkpoint, n_params, parameters, save_checkpoint
+from model import (PRESETS, Config, Denoiser, add_size_flags, check_size, config_dict, load_checkpoint, n_params, parameters,
+                   positive, save_checkpoint)
 
-PRESETS = {  # every value is also a flag
-  "tiny":  dict(dim=32, n_layers=2, n_heads=2, seq_len=32, batch_size=8, vocab_size=512, steps=40, lr=3e-3, warmup=5,
-                eval_every=20, eval_windows=16, eval_draws=1, ema=0.0, dtype="float32"),
-  "small": dict(dim=128, n_layers=4, n_heads=4, seq_len=128, batch_size=16, vocab_size=8192, steps=3000, lr=1e-3, warmup=100,
-                eval_every=250, eval_windows=64, eval_draws=4, ema=0.999, dtype="float32"),
-  "base":  dict(dim=512, n_layers=8, n_heads=8, seq_len=256, batch_size=64, vocab_size=8192, steps=20000, lr=6e-4, warmup=500,
-                eval_every=1000, eval_windows=256, eval_draws=4, ema=0.9999, dtype="bfloat16"),
+TRAINING = {  # the training half of each preset (model.PRESETS holds the network and batch); every value is also a flag
+  "tiny":  dict(steps=40, lr=3e-3, warmup=5, eval_every=20, eval_windows=16, eval_draws=1, ema=0.0),
+  "small": dict(steps=3000, lr=1e-3, warmup=100, eval_every=250, eval_windows=64, eval_draws=4, ema=0.999),
+  "base":  dict(steps=20000, lr=6e-4, warmup=500, eval_every=1000, eval_windows=256, eval_draws=4, ema=0.9999),
 }
 ARCH = ("dim", "n_layers", "n_heads", "seq_len", "vocab_size", "time_cond")  # what a resumed run may not change
-
-def positive(kind):
-  def parse(s):
-    v = kind(s)
-    if v <= 0: raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
-    return v
-  return parse
 
 def fraction(s):
   v = float(s)
@@ -38,25 +29,20 @@ def fraction(s):
 def parse_args(argv=None):
   """Flags left out are None here; `resolve` fills them from the checkpoint being resumed, the preset, or DEFAULTS."""
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__[__doc__.index("\n"):])
-  p.add_argument("--preset", choices=PRESETS, help="default: small on CPU, base on a GPU")
   p.add_argument("--data", help="sample (bundled), tinystories (default; falls back to sample offline) or a UTF-8 text file")
   p.add_argument("--out", default="out", help="directory for ckpt.safetensors and log.jsonl (default: out)")
   p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
   p.add_argument("--seed", type=int)
-  for name, kind in [("steps", positive(int)), ("batch_size", positive(int)), ("seq_len", positive(int)), ("dim", positive(int)),
-                     ("n_layers", positive(int)), ("n_heads", positive(int)), ("lr", positive(float)), ("warmup", positive(int)),
-                     ("eval_every", positive(int)), ("eval_windows", positive(int)), ("eval_draws", positive(int))]:
+  add_size_flags(p)
+  for name, kind in [("steps", positive(int)), ("lr", positive(float)), ("warmup", positive(int)), ("eval_every", positive(int)),
+                     ("eval_windows", positive(int)), ("eval_draws", positive(int))]:
     p.add_argument("--" + name.replace("_", "-"), type=kind)
-  p.add_argument("--vocab-size", type=int, help="keep the K most frequent training tokens (+ <unk>); 0: all of GPT-2")
   p.add_argument("--ema", type=fraction, help="decay of the weight average used for evaluation and sampling; 0: off")
-  p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype; weights and optimizer stay float32")
   p.add_argument("--grad-accum", type=positive(int), help="micro-batches per optimizer step (default 1)")
   p.add_argument("--schedule", choices=diffusion.SCHEDULES, help="noise schedule for training (default loglinear)")
   p.add_argument("--weight-decay", type=float)
   p.add_argument("--grad-clip", type=positive(float), help="global gradient-norm clip (default 1.0)")
-  p.add_argument("--no-time-cond", dest="time_cond", action="store_false", default=None, help="the denoiser ignores t (enables the cached sampler)")
   args = p.parse_args(argv)
-  if args.vocab_size is not None and args.vocab_size < 0: p.error("--vocab-size must be >= 0")
   args.explicit = {k for k, v in vars(args).items() if v is not None and k not in ("out", "resume")}
   return args
 
@@ -65,35 +51,13 @@ DEFAULTS = dict(data="tinystories", seed=1337, grad_accum=1, schedule="loglinear
 def resolve(args, saved:dict|None=None):
   """Fill unset flags: from the run being resumed, else the preset (by backend when not given), else DEFAULTS."""
   args.preset = args.preset or (saved or {}).get("preset") or ("small" if Device.DEFAULT == "CPU" else "base")
-  for k, v in {**DEFAULTS, **PRESETS[args.preset], **(saved or {})}.items():
+  for k, v in {**DEFAULTS, **PRESETS[args.preset], **TRAINING[args.preset], **(saved or {})}.items():
     if getattr(args, k, None) is None: setattr(args, k, v)
-  if args.dim % args.n_heads or (args.dim // args.n_heads) % 2:
-    raise DataError(f"--dim {args.dim} must be a multiple of --n-heads {args.n_heads} with an even head size")
-  return args
+  return check_size(args)
 
 def learning_rate(step:int, args) -> float:
   # linear warm-up, then cosine decay to 10% of the peak
   return args.lr * min(1, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1, step / args.steps))))
-
-def make_train_step(model, ema, opt, args, mask_id):
-  """One TinyJit for the whole step: forward, NELBO, backward (over micro-batches), clipping, AdamW, EMA."""
-  params, ema_params = list(parameters(model).values()), list(parameters(ema).values()) if ema else []
-
-  @TinyJit
-  @Context(TRAINING=1)
-  def step(x0:Tensor, u_t:Tensor, u_mask:Tensor) -> Tensor:
-    opt.zero_grad()
-    loss = Tensor.zeros(())
-    for i in range(args.grad_accum):
-      micro = diffusion.nelbo(model, x0[i], diffusion.antithetic_times(x0.shape[1], u_t[i]), mask_id, args.schedule, u_mask[i])
-      (micro / args.grad_accum).backward()
-      loss = loss + micro.detach() / args.grad_accum
-    norm = Tensor.stack(*[p.grad.square().sum() for p in params]).sum().sqrt()
-    for p in params: p.grad = p.grad * (args.grad_clip / (norm + 1e-6)).minimum(1)  # g ← g · min(1, c / ‖g‖)
-    updates = opt.schedule_step()
-    for e, p in zip(ema_params, params): e.assign(args.ema * e + (1 - args.ema) * p)  # θ_ema ← d·θ_ema + (1 − d)·θ
-    return loss.realize(*updates, *ema_params)
-  return step
 
 def batch(tokens, keep, args, rng):
   """A step's data and all its randomness, drawn from one numpy generator so that a resumed run repeats it exactly."""
@@ -171,7 +135,7 @@ def main(argv=None):
   tok_per_step = args.batch_size * args.seq_len * args.grad_accum
   print(f"device {Device.DEFAULT} | preset {args.preset} | data {ds['name']} ({len(ds['train']):,} train tokens) | "
         f"{n_params(model) / 1e6:.2f}M parameters | vocab {cfg.vocab_size} | {tok_per_step:,} tokens/step | {args.dtype}")
-  train_step = make_train_step(model, ema, opt, args, cfg.mask_id)
+  train_step = diffusion.train_step(model, opt, cfg.mask_id, args.schedule, args.grad_clip, ema and list(parameters(ema).values()), args.ema)
   evaluate = make_evaluate(ema or model, ds["val"], keep, args, cfg.mask_id)
 
   def checkpoint():

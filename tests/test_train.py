@@ -58,14 +58,14 @@ def test_a_write_killed_before_the_rename_keeps_the_previous_checkpoint(tmp_path
   assert meta["step"] == 2 and "model.tok_emb" in tensors
 
 def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-  make = train.make_train_step
-  def poisoned(*a):
-    step, n = make(*a), []
+  make = train.diffusion.train_step
+  def poisoned(*a, **kw):
+    step, n = make(*a, **kw), []
     def run(*x):
       n.append(1)
       return Tensor(float("nan")) if len(n) == 3 else step(*x)
     return run
-  monkeypatch.setattr(train, "make_train_step", poisoned)
+  monkeypatch.setattr(train.diffusion, "train_step", poisoned)
   with pytest.raises(SystemExit) as e: train.main(TINY + ["--steps", "6", "--eval-every", "2", "--out", str(tmp_path)])
   assert "loss became nan at step 3" in str(e.value.code) and "last good checkpoint" in str(e.value.code)
   assert model.load_checkpoint(str(tmp_path / "ckpt.safetensors"))[1]["step"] == 2
@@ -79,7 +79,12 @@ def test_an_existing_run_is_never_overwritten(tiny_run):
   with pytest.raises(SystemExit) as e: train.main(TINY + ["--out", str(tiny_run)])
   assert "--resume" in str(e.value.code) and os.path.getmtime(tiny_run / "ckpt.safetensors") == before
 
-@pytest.mark.parametrize("flags", [["--steps", "0"], ["--lr", "-1"], ["--ema", "1.5"], ["--preset", "huge"], ["--vocab-size", "-2"]])
+@pytest.mark.parametrize("flags", [["--steps", "0"], ["--lr", "-1"], ["--ema", "1.5"], ["--preset", "huge"], ["--dim", "x"]])
 def test_out_of_range_flags_are_argparse_errors(flags, capsys):
   with pytest.raises(SystemExit) as e: train.parse_args(flags)
   assert e.value.code == 2 and "error" in capsys.readouterr().err
+
+@pytest.mark.parametrize("flags,message", [(["--vocab-size", "-2"], "--vocab-size must be >= 0"), (["--dim", "30", "--n-heads", "4"], "multiple of")])
+def test_inconsistent_sizes_are_one_line_errors(tmp_path, flags, message):
+  with pytest.raises(SystemExit) as e: train.main(TINY + flags + ["--out", str(tmp_path)])
+  assert str(e.value.code).startswith("error:") and message in str(e.value.code)
