@@ -1,0 +1,110 @@
+"""Measure the train step and the sampler: tokens/s, ms/step, achieved GFLOP/s, time to first step, peak memory;
+optionally the PyTorch peer (../shared/bench/torch_mdlm.py) at the same config in the same run, and the ratio.
+
+  python bench.py --preset small
+  python bench.py --preset small --torch /tmp/torchvenv/bin/python     # side by side with the PyTorch peer
+  CACHELEVEL=0 python bench.py --preset small                          # time to first step with a cold kernel cache
+
+The last line printed is one JSON object (scripts read it)."""
+import argparse, json, lzma, os, resource, subprocess, sys, tempfile, time
+import numpy as np
+from tinygrad import Device, GlobalCounters, Tensor, dtypes, nn
+import diffusion
+from data import vocab
+from model import PRESETS, Config, Denoiser, add_size_flags, check_size, n_params, parameters, positive
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+def flops_per_token(cfg:Config) -> float:
+  """Training FLOPs per token: 6 per weight of every matmul (forward 2, backward 4), the tied output head included,
+  plus attention's QKᵀ and AV (4·T·d per layer forward, ×3 with backward). The embedding lookup does no matmul."""
+  d, L = cfg.dim, cfg.n_layers
+  return 6 * (12 * d * d * L + d * cfg.padded_vocab) + 12 * cfg.seq_len * d * L
+
+def bench_train(model, cfg, args) -> dict:
+  opt = nn.optim.AdamW(list(parameters(model).values()), lr=1e-4, b1=0.9, b2=0.95, weight_decay=0.0)
+  step = diffusion.train_step(model, opt, cfg.mask_id)
+  rng = np.random.default_rng(0)
+  def data():
+    B, T = args.batch_size, args.seq_len
+    return (Tensor(rng.integers(0, cfg.vocab_size, (1, B, T), dtype=np.int32)), Tensor(rng.random((1, 1), dtype=np.float32)),
+            Tensor(rng.random((1, B, T), dtype=np.float32)))
+  times, peak = [], 0
+  for i in range(args.warmup + args.steps):
+    x = data()
+    t0 = time.perf_counter()
+    step(*x).item()
+    times.append(time.perf_counter() - t0)
+    peak = max(peak, GlobalCounters.mem_used)
+    if i == 0: print(f"first train step (compiles kernels): {times[0]:.1f} s", flush=True)
+  ms = 1000 * float(np.median(times[args.warmup:]))
+  tok = args.batch_size * args.seq_len
+  return {"first_step_s": round(times[0], 2), "train_ms_per_step": round(ms, 1), "train_tok_per_s": round(tok / ms * 1000, 1),
+          "train_gflops": round(flops_per_token(cfg) * tok / ms / 1e6, 2), "peak_mem_mb": round(peak / 2**20, 1)}
+
+def bench_sample(model, cfg, args) -> dict:
+  x = Tensor.full((args.sample_batch, cfg.seq_len), cfg.mask_id, dtype=dtypes.int32).contiguous()
+  cache = not cfg.time_cond
+  diffusion.generate(model, x, cfg.mask_id, 4, cache=cache)  # compile the kernels once
+  t0 = time.perf_counter()
+  nfe = 0
+  for _, _, nfe in diffusion.sample(model, x, cfg.mask_id, args.sample_steps, cache=cache): pass
+  s = time.perf_counter() - t0
+  return {"sample_s": round(s, 2), "sample_nfe": nfe, "sample_tok_per_s": round(args.sample_batch * cfg.seq_len / s, 1)}
+
+def bench_peer(args) -> dict:
+  """The PyTorch peer on the bundled sample, decompressed to a temp dir, at the same config."""
+  with tempfile.TemporaryDirectory() as tmp:
+    paths = {}
+    for split in ("train", "valid"):
+      paths[split] = os.path.join(tmp, f"{split}.txt")
+      with open(paths[split], "wb") as f: f.write(lzma.decompress(open(os.path.join(HERE, "data", "tinystories", f"{split}.txt.xz"), "rb").read()))
+    cmd = [args.torch, args.peer, "--train", paths["train"], "--val", paths["valid"], "--dim", str(args.dim), "--layers", str(args.n_layers),
+           "--heads", str(args.n_heads), "--seq-len", str(args.seq_len), "--batch", str(args.batch_size), "--vocab-size", str(args.vocab_size),
+           "--steps", str(args.steps + 2), "--eval-every", str(10**9), "--eval-windows", "8", "--eval-samples", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+  if out.returncode: sys.exit(f"error: the PyTorch peer failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+  summary = json.loads(out.stdout.strip().splitlines()[-1])
+  return {"torch_train_tok_per_s": summary["train_tok_per_s"], "torch_threads": summary["threads"], "torch": summary["torch"]}
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__[__doc__.index("\n"):])
+  add_size_flags(p)
+  p.add_argument("--steps", type=positive(int), default=10, help="timed train steps")
+  p.add_argument("--warmup", type=positive(int), default=2, help="untimed train steps first (the JIT captures on the second)")
+  p.add_argument("--sample-steps", type=positive(int), default=128)
+  p.add_argument("--sample-batch", type=positive(int), default=1)
+  p.add_argument("--skip-sample", action="store_true")
+  p.add_argument("--torch", help="a Python with torch installed: also run the PyTorch peer and report the ratio")
+  p.add_argument("--peer", default=os.path.join(HERE, "..", "shared", "bench", "torch_mdlm.py"))
+  args = p.parse_args(argv)
+  args.preset = args.preset or ("small" if Device.DEFAULT == "CPU" else "base")
+  for k, v in {**PRESETS[args.preset], "time_cond": True}.items():
+    if getattr(args, k) is None: setattr(args, k, v)
+  try: check_size(args)
+  except ValueError as e: sys.exit(f"error: {e}")
+  if args.torch and not os.path.exists(args.peer): sys.exit(f"error: no PyTorch peer at {args.peer}: pass --peer PATH")
+
+  cfg = Config(vocab_size=args.vocab_size + 1 if args.vocab_size else vocab.n_tokens(None), seq_len=args.seq_len,  # + <unk>
+               dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, time_cond=args.time_cond)
+  Tensor.manual_seed(0)
+  model = Denoiser(cfg, dtype=args.dtype)
+  print(f"device {Device.DEFAULT} | preset {args.preset} | {n_params(model) / 1e6:.2f}M parameters | vocab {cfg.vocab_size} | "
+        f"batch {args.batch_size} x {args.seq_len} | {args.dtype} | {flops_per_token(cfg) / 1e6:.1f} MFLOP/token", flush=True)
+  result = {"preset": args.preset, "device": Device.DEFAULT, "dtype": args.dtype, "params": n_params(model), "batch_size": args.batch_size,
+            "seq_len": args.seq_len, "dim": args.dim, "n_layers": args.n_layers, "vocab_size": cfg.vocab_size, "time_cond": cfg.time_cond}
+  result |= bench_train(model, cfg, args)
+  print(f"train: {result['train_ms_per_step']:.0f} ms/step, {result['train_tok_per_s']:,.0f} tokens/s, "
+        f"{result['train_gflops']:.1f} GFLOP/s, peak device memory {result['peak_mem_mb']:.0f} MB", flush=True)
+  if not args.skip_sample:
+    result |= bench_sample(model, cfg, args)
+    print(f"sample: {args.sample_steps} steps, NFE {result['sample_nfe']}, {result['sample_s']:.1f} s, {result['sample_tok_per_s']:,.1f} tokens/s", flush=True)
+  if args.torch:
+    result |= bench_peer(args)
+    result["ratio_vs_torch"] = round(result["train_tok_per_s"] / result["torch_train_tok_per_s"], 3)
+    print(f"PyTorch peer ({result['torch']}, {result['torch_threads']} threads): {result['torch_train_tok_per_s']:,.0f} tokens/s; "
+          f"tinygrad / PyTorch = {result['ratio_vs_torch']:.2f}x", flush=True)
+  result["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+  print(json.dumps(result))
+
+if __name__ == "__main__": main()
