@@ -11,7 +11,7 @@ import numpy as np
 from tinygrad import Device, GlobalCounters, Tensor, dtypes, nn
 import diffusion
 from data import vocab
-from model import PRESETS, Config, Denoiser, add_size_flags, check_size, n_params, parameters, positive
+from model import PRESETS, Config, Denoiser, add_size_flags, check_size, devices, n_params, parameters, positive, replica
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -23,12 +23,12 @@ def flops_per_token(cfg:Config) -> float:
 
 def bench_train(model, cfg, args) -> dict:
   opt = nn.optim.AdamW(list(parameters(model).values()), lr=1e-4, b1=0.9, b2=0.95, weight_decay=0.0)
-  step = diffusion.train_step(model, opt, cfg.mask_id)
+  replicas = [model] + [replica(cfg, args.dtype, device) for device in args.devices[1:]]
+  step = diffusion.train_step([(m, list(parameters(m).values())) for m in replicas], opt, cfg.mask_id)
   rng = np.random.default_rng(0)
   def data():
     B, T = args.batch_size, args.seq_len
-    return (Tensor(rng.integers(0, cfg.vocab_size, (1, B, T), dtype=np.int32)), Tensor(rng.random((1, 1), dtype=np.float32)),
-            Tensor(rng.random((1, B, T), dtype=np.float32)))
+    return rng.integers(0, cfg.vocab_size, (1, B, T), dtype=np.int32), rng.random((1, 1), dtype=np.float32), rng.random((1, B, T), dtype=np.float32)
   times, peak = [], 0
   for i in range(args.warmup + args.steps):
     x = data()
@@ -75,6 +75,7 @@ def main(argv=None):
   p.add_argument("--sample-steps", type=positive(int), default=128)
   p.add_argument("--sample-batch", type=positive(int), default=1)
   p.add_argument("--skip-sample", action="store_true")
+  p.add_argument("--one-device", action="store_true", help="train on one device even where the CPU has cores for two")
   p.add_argument("--torch", help="a Python with torch installed: also run the PyTorch peer and report the ratio")
   p.add_argument("--peer", default=os.path.join(HERE, "..", "shared", "bench", "torch_mdlm.py"))
   args = p.parse_args(argv)
@@ -83,15 +84,16 @@ def main(argv=None):
     if getattr(args, k) is None: setattr(args, k, v)
   try: check_size(args)
   except ValueError as e: sys.exit(f"error: {e}")
+  args.devices = [Device.DEFAULT] if args.one_device else devices(args.batch_size)
   if args.torch and not os.path.exists(args.peer): sys.exit(f"error: no PyTorch peer at {args.peer}: pass --peer PATH")
 
   cfg = Config(vocab_size=args.vocab_size + 1 if args.vocab_size else vocab.n_tokens(None), seq_len=args.seq_len,  # + <unk>
                dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, time_cond=args.time_cond)
   Tensor.manual_seed(0)
   model = Denoiser(cfg, dtype=args.dtype)
-  print(f"device {Device.DEFAULT} | preset {args.preset} | {n_params(model) / 1e6:.2f}M parameters | vocab {cfg.vocab_size} | "
+  print(f"device {', '.join(args.devices)} | preset {args.preset} | {n_params(model) / 1e6:.2f}M parameters | vocab {cfg.vocab_size} | "
         f"batch {args.batch_size} x {args.seq_len} | {args.dtype} | {flops_per_token(cfg) / 1e6:.1f} MFLOP/token", flush=True)
-  result = {"preset": args.preset, "device": Device.DEFAULT, "dtype": args.dtype, "params": n_params(model), "batch_size": args.batch_size,
+  result = {"preset": args.preset, "device": Device.DEFAULT, "train_devices": len(args.devices), "dtype": args.dtype, "params": n_params(model), "batch_size": args.batch_size,
             "seq_len": args.seq_len, "dim": args.dim, "n_layers": args.n_layers, "vocab_size": cfg.vocab_size, "time_cond": cfg.time_cond}
   result |= bench_train(model, cfg, args)
   print(f"train: {result['train_ms_per_step']:.0f} ms/step, {result['train_tok_per_s']:,.0f} tokens/s, "

@@ -4,6 +4,7 @@ NELBO that trains the denoiser, and the reverse process that samples from it.
 Time runs from t = 0 (clean data) to t = 1 (every token is MASK). α(t) is the probability that a token is
 still clean at time t. The denoiser is any function (x_t, t) -> logits over x_0; this file never builds one."""
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 from tinygrad import Context, Device, Tensor, TinyJit, dtypes
 
@@ -25,10 +26,12 @@ def weight(t, schedule:str="loglinear"):
   if schedule == "cosine": return (math.pi / 2) * _sin(t * (math.pi / 2)) / (1 - _cos(t * (math.pi / 2)))
   raise ValueError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
 
-def antithetic_times(batch_size:int, u:Tensor|None=None, eps:float=1e-3) -> Tensor:
-  """Times spread evenly over the batch with one random offset: the same expectation, much less variance."""
+def antithetic_times(batch_size:int, u:Tensor|None=None, eps:float=1e-3, spread:int=0) -> Tensor:
+  """Times spread evenly over the batch with one random offset: the same expectation, much less variance.
+  spread: the size of the whole batch when this is a slice of it (its offset u then includes the slice's start)."""
   u = Tensor.rand(1) if u is None else u
-  return eps + (1 - eps) * ((u + Tensor.arange(batch_size) / batch_size) % 1)  # t_i = ε + (1−ε)·((u + i/B) mod 1)
+  spread = spread or batch_size
+  return eps + (1 - eps) * ((u + Tensor.arange(batch_size) / spread) % 1)  # t_i = ε + (1−ε)·((u + i/B) mod 1)
 
 def forward_process(x0:Tensor, t:Tensor, mask_id:int, schedule:str="loglinear", u:Tensor|None=None) -> tuple[Tensor, Tensor]:
   """q(x_t | x_0): each token independently becomes MASK with probability 1 − α(t). Returns (x_t, masked)."""
@@ -46,27 +49,56 @@ def nelbo(denoiser:Denoiser, x0:Tensor, t:Tensor, mask_id:int, schedule:str="log
   log_p = denoiser(x_t, t).log_softmax(-1).gather(-1, x0.unsqueeze(-1)).squeeze(-1)  # log p_θ(x_0^i | x_t)
   return (masked.where(-log_p, 0) * weight(t, schedule).unsqueeze(1)).sum() / x0.numel()
 
-def train_step(denoiser:Denoiser, opt, mask_id:int, schedule:str="loglinear", grad_clip:float=1.0,
-               ema_params:list[Tensor]|None=None, ema:float=0.0) -> TinyJit:
-  """One TinyJit for a whole optimizer step: NELBO and backward over the micro-batches, global-norm clipping, the
-  optimizer, and the weight average. All randomness comes in as inputs (x0: (A, B, T) micro-batches, u_t: (A, 1) time
-  offsets, u_mask: (A, B, T) mask draws), so a run can be repeated exactly from its data generator."""
-  params = opt.params
+def train_step(replicas:list[tuple[Denoiser, list[Tensor]]], opt, mask_id:int, schedule:str="loglinear", grad_clip:float=1.0,
+               ema_params:list[Tensor]|None=None, ema:float=0.0):
+  """One optimizer step as two TinyJits: the gradient of the NELBO over the micro-batches, then global-norm clipping,
+  the optimizer and the weight average. `replicas` are (denoiser, its parameters), one per device, the first holding the
+  optimizer's parameters: each takes an equal slice of the batch, in its own thread. tinygrad runs a CPU kernel in the
+  calling thread, so on a CPU a second device (CPU:1) is a second core. All randomness comes in with the data
+  (x0: (A, B, T) micro-batches, u_t: (A, 1) time offsets, u_mask: (A, B, T) mask draws, numpy arrays), so a run can be
+  repeated exactly from its data generator, on any number of devices."""
+  n, params = len(replicas), replicas[0][1]
+
+  def gradient(denoiser:Denoiser, ps:list[Tensor]) -> TinyJit:
+    @TinyJit
+    @Context(TRAINING=1)
+    def grad(x0:Tensor, u_t:Tensor, u_mask:Tensor) -> tuple[Tensor, Tensor]:
+      for p in ps: p.grad = None
+      A, loss = x0.shape[0], Tensor.zeros((), device=x0.device)
+      for i in range(A):
+        micro = nelbo(denoiser, x0[i], antithetic_times(x0.shape[1], u_t[i], spread=n * x0.shape[1]), mask_id, schedule, u_mask[i])
+        (micro / A).backward()
+        loss = loss + micro.detach() / A
+      flat = Tensor.cat(*[p.grad.contiguous().flatten() for p in ps])  # contiguous: else every gradient fuses into one kernel
+      return loss.realize(flat), flat  # together: realized apart, the forward pass would run twice
+    return grad
 
   @TinyJit
   @Context(TRAINING=1)
-  def step(x0:Tensor, u_t:Tensor, u_mask:Tensor) -> Tensor:
-    opt.zero_grad()
-    A, loss = x0.shape[0], Tensor.zeros(())
-    for i in range(A):
-      micro = nelbo(denoiser, x0[i], antithetic_times(x0.shape[1], u_t[i]), mask_id, schedule, u_mask[i])
-      (micro / A).backward()
-      loss = loss + micro.detach() / A
-    norm = Tensor.stack(*[p.grad.square().sum() for p in params]).sum().sqrt()
-    for p in params: p.grad = p.grad * (grad_clip / (norm + 1e-6)).minimum(1)  # g ← g · min(1, c / ‖g‖)
+  def update(*grads:Tensor) -> Tensor:
+    g = sum(flat.to(params[0].device) for flat in grads) / n
+    g = g * (grad_clip / (g.square().sum().sqrt() + 1e-6)).minimum(1)  # g ← g · min(1, c / ‖g‖)
+    for p, part in zip(params, g.split([p.numel() for p in params])): p.grad = part.reshape(p.shape)
     updates = opt.schedule_step()
     for e, p in zip(ema_params or [], params): e.assign(ema * e + (1 - ema) * p)  # θ_ema ← d·θ_ema + (1 − d)·θ
-    return loss.realize(*updates, *(ema_params or []))
+    copies = [rp.assign(p.to(rp.device)) for _, ps in replicas[1:] for rp, p in zip(ps, params)]
+    return Tensor.realize(*updates, *(ema_params or []), *copies)
+
+  for _, ps in replicas[1:]:
+    for rp, p in zip(ps, params): rp.assign(p.to(rp.device)).realize()
+  grads = [gradient(denoiser, ps) for denoiser, ps in replicas]
+  pool = ThreadPoolExecutor(max(1, n - 1))
+
+  def step(x0, u_t, u_mask) -> Tensor:
+    B, b = x0.shape[1], x0.shape[1] // n
+    if b * n != B: raise ValueError(f"the batch size {B} must be a multiple of the {n} devices")
+    inputs = [(Tensor(x0[:, j*b:(j+1)*b], device=ps[0].device), Tensor(u_t + j * b / B, device=ps[0].device),
+               Tensor(u_mask[:, j*b:(j+1)*b], device=ps[0].device)) for j, (_, ps) in enumerate(replicas)]
+    parallel = grads[0].cnt >= 2  # replaying a captured TinyJit is thread-safe; capturing one is not
+    futures = [pool.submit(g, *x) for g, x in zip(grads[1:], inputs[1:])] if parallel else []
+    results = [grads[0](*inputs[0])] + ([f.result() for f in futures] if parallel else [g(*x) for g, x in zip(grads[1:], inputs[1:])])
+    update(*[flat for _, flat in results])
+    return sum(loss.to(params[0].device) for loss, _ in results) / n
   return step
 
 # ***** the reverse process *****

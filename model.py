@@ -3,9 +3,11 @@ partly masked sequence x_t and returns logits for the clean tokens x_0 at every 
 Also the Config and checkpoint save/load, so that everything about the network lives in one file."""
 import argparse, json, math, os
 from dataclasses import asdict, dataclass
-from tinygrad import Device, Tensor, nn
+from tinygrad import Context, Device, Tensor, nn
 from tinygrad.dtype import to_dtype
+from tinygrad.function import function
 from tinygrad.nn.state import get_state_dict, safe_load, safe_load_metadata, safe_save
+from tinygrad.uop.ops import UOp
 
 @dataclass
 class Config:
@@ -50,17 +52,50 @@ def check_size(args):
 
 def rmsnorm(x:Tensor, eps=1e-6) -> Tensor: return x * (x.float().square().mean(-1, keepdim=True) + eps).rsqrt().cast(x.dtype)
 
-def modulate(x:Tensor, shift:Tensor, scale:Tensor) -> Tensor: return rmsnorm(x) * (1 + scale) + shift
+def modulate(x:Tensor, shift:Tensor, scale:Tensor) -> Tensor: return (rmsnorm(x) * (1 + scale) + shift).contiguous()
+
+# Speed notes: the .contiguous() calls in this file are where tinygrad stores an intermediate instead of recomputing it
+# inside every kernel that reads it (e.g. GELU inside the down-projection and its gradient); together with stored(),
+# embed() and tied_head() they make the CPU train step ~5x faster than the plain formulation (BENCHMARKS.md).
 
 def rope_tables(seq_len:int, head_dim:int) -> tuple[Tensor, Tensor]:
   # angle(p, i) = p · 10000^(-2i/head_dim), for the half-split rotation below
   angle = Tensor.arange(seq_len).float().unsqueeze(1) * (10000 ** (-Tensor.arange(0, head_dim, 2).float() / head_dim)).unsqueeze(0)
-  return angle.cos().contiguous().is_param_(False), angle.sin().contiguous().is_param_(False)
+  return stored(angle.cos()).is_param_(False), stored(angle.sin()).is_param_(False)
+
+def stored(x:Tensor) -> Tensor:
+  """Compute x once into a buffer. Tensors built from arange have no device, so .contiguous() leaves them lazy and
+  every kernel that reads them recomputes them (sin/cos/pow in software, inside the attention backward)."""
+  return Tensor.empty(*x.shape, dtype=x.dtype).assign(x).realize()
 
 def rope(x:Tensor, cos:Tensor, sin:Tensor) -> Tensor:
   # rotate each pair (x1_i, x2_i) by its angle: [x1·cos − x2·sin, x2·cos + x1·sin]
   x1, x2 = x.chunk(2, dim=-1)
   return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
+
+def embed(table:Tensor, ids:Tensor) -> Tensor:
+  """table[ids]. On CPU and AMD through nn.Embedding's atomic path, whose backward is a scatter-add into the table;
+  plain indexing builds a one-hot reduction over the whole vocabulary for every token (~0.8 s a step on CPU)."""
+  if table.device.split(":")[0] not in ("CPU", "AMD"): return table[ids]  # the devices with tinygrad's atomic add
+  emb = nn.Embedding.__new__(nn.Embedding)
+  emb.weight = table
+  with Context(USE_ATOMICS=1): return emb(ids)
+
+def _by_rows(w:Tensor, f, dim:int) -> Tensor:
+  """f(w), computed as f(first 2^k rows of w) joined with f(the other rows) along dim: the same numbers, but tinygrad's CPU
+  heuristic tiles an axis of 8256 = 3·2752 by 3 rather than 4, which makes the vocabulary matmuls ~2x slower."""
+  n = 1 << (w.shape[0].bit_length() - 1)
+  return f(w) if n == w.shape[0] else f(w[:n]).contiguous().cat(f(w[n:]).contiguous(), dim=dim)
+
+def _tied_head_grad(g:UOp, call:UOp) -> tuple[UOp, UOp]:
+  # d/dh = g·W and d/dW = gᵀ·h, with gᵀ written out once: read in place, gᵀ's stride over tokens makes that matmul ~4x slower
+  h, w = call.src[1:]
+  g = g.contiguous()
+  gT, h = g.reshape(-1, g.shape[-1]).T.contiguous(), h.reshape(-1, h.shape[-1])
+  return g @ w, _by_rows(gT, lambda rows: rows @ h, dim=0)
+
+@function(grad_fxn=_tied_head_grad)
+def tied_head(h:Tensor, w:Tensor) -> Tensor: return _by_rows(w, lambda rows: h @ rows.T, dim=-1)  # logits = h·Wᵀ
 
 class Linear(nn.Linear):
   """A linear layer that computes in its input's dtype: float32 master weights, bfloat16/float16 matmuls."""
@@ -85,9 +120,10 @@ class Block:
     shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c.silu()).unsqueeze(1).chunk(6, dim=-1)
     q, k, v = [y.reshape(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)
                for y in self.qkv(modulate(x, shift1, scale1)).chunk(3, dim=-1)]
-    attn = rope(q, cos, sin).scaled_dot_product_attention(rope(k, cos, sin), v)  # bidirectional: no causal mask
+    q, k = rope(q, cos, sin).contiguous(), rope(k, cos, sin).contiguous()
+    attn = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1).contiguous() @ v  # bidirectional: no causal mask
     x = x + gate1 * self.proj(attn.transpose(1, 2).reshape(B, T, D))            # x + gate·f(rmsnorm(x)·(1+scale) + shift)
-    return x + gate2 * self.down(self.up(modulate(x, shift2, scale2)).gelu())   # tinygrad's gelu is the tanh form
+    return x + gate2 * self.down(self.up(modulate(x, shift2, scale2)).gelu().contiguous())  # tinygrad's gelu is the tanh form
 
 def time_features(t:Tensor, n:int=256) -> Tensor:
   # sinusoidal features of 1000·t: [cos(1000·t·f_i), sin(1000·t·f_i)], f_i = 10000^(-i/(n/2))
@@ -111,11 +147,23 @@ class Denoiser:
     T = x.shape[1]
     if not self.cfg.time_cond: t = t.zeros_like()
     c = self.t_out(self.t_in(time_features(t)).silu()).cast(self.dtype)
-    h = self.tok_emb[x].cast(self.dtype)
+    h = embed(self.tok_emb, x).cast(self.dtype)
     cos, sin = self._rope[0][:T], self._rope[1][:T]
     for block in self.blocks: h = block(h, c, cos, sin)
     shift, scale = self.ada_final(c.silu()).unsqueeze(1).chunk(2, dim=-1)
-    return (modulate(h, shift, scale) @ self.tok_emb.cast(self.dtype).T).float() + self._subs  # head tied to the embedding
+    return tied_head(modulate(h, shift, scale), self.tok_emb.cast(self.dtype)).float() + self._subs  # head tied to the embedding
+
+def devices(batch_size:int) -> list[str]:
+  """Where the train step runs. tinygrad runs each CPU kernel in the calling thread, so on a CPU with two or more cores
+  a second CPU device, driven from a second thread, nearly doubles the speed (two is what has been measured)."""
+  two = Device.DEFAULT == "CPU" and (os.cpu_count() or 1) >= 2 and batch_size % 2 == 0
+  return ["CPU", "CPU:1"] if two else [Device.DEFAULT]
+
+def replica(cfg:Config, dtype:str, device:str) -> Denoiser:
+  """Another copy of the network, on `device`; the train step keeps its weights equal to the first copy's."""
+  model = Denoiser(cfg, dtype)
+  for v in get_state_dict(model).values(): v.replace(v.to(device).realize())
+  return model
 
 def parameters(model:Denoiser) -> dict[str, Tensor]:
   return {k: v for k, v in get_state_dict(model).items() if not k.startswith("_")}

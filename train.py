@@ -11,8 +11,8 @@ from tinygrad import Device, Tensor, TinyJit, dtypes, nn
 import diffusion
 from data import DataError, prepare, vocab
 from data.batches import train_batch, val_windows
-from model import (PRESETS, Config, Denoiser, add_size_flags, check_size, config_dict, load_checkpoint, n_params, parameters,
-                   positive, save_checkpoint)
+from model import (PRESETS, Config, Denoiser, add_size_flags, check_size, config_dict, devices, load_checkpoint, n_params,
+                   parameters, positive, replica, save_checkpoint)
 
 TRAINING = {  # the training half of each preset (model.PRESETS holds the network and batch); every value is also a flag
   "tiny":  dict(steps=40, lr=3e-3, warmup=5, eval_every=20, eval_windows=16, eval_draws=1, ema=0.0),
@@ -63,7 +63,7 @@ def batch(tokens, keep, args, rng):
   """A step's data and all its randomness, drawn from one numpy generator so that a resumed run repeats it exactly."""
   B, T, A = args.batch_size, args.seq_len, args.grad_accum
   x0 = vocab.to_compact(train_batch(tokens, A * B, T, rng), keep).reshape(A, B, T)
-  return Tensor(x0), Tensor(rng.random((A, 1), dtype=np.float32)), Tensor(rng.random((A, B, T), dtype=np.float32))
+  return x0, rng.random((A, 1), dtype=np.float32), rng.random((A, B, T), dtype=np.float32)
 
 def make_evaluate(model, val, keep, args, mask_id):
   """Validation NELBO over fixed windows with fixed time and mask draws: the same weights always give the same number."""
@@ -80,6 +80,24 @@ def unconditional_sample(model, cfg, keep, steps=64) -> str:
   x = Tensor.full((1, cfg.seq_len), cfg.mask_id, dtype=dtypes.int32).contiguous()
   x = diffusion.generate(model, x, cfg.mask_id, steps, cache=not cfg.time_cond)
   return vocab.decode(x.numpy()[0], keep)
+
+def learning_curve(log_path:str, svg_path:str):
+  """log.jsonl as an SVG (no plotting library): training loss, smoothed, and validation NELBO in nats/token by step."""
+  rows = [json.loads(line) for line in open(log_path)]
+  train, val, avg = [], [(r["step"], r["val_nelbo"]) for r in rows if r["val_nelbo"] is not None], rows[0]["train_loss"]
+  for r in rows: avg = 0.95 * avg + 0.05 * r["train_loss"]; train.append((r["step"], avg))
+  (W, H, m), ys = (640, 320, 48), [y for _, y in train + val]
+  X = lambda s: m + (W - 2 * m) * s / rows[-1]["step"]
+  Y = lambda y: H - m - (H - 2 * m) * (y - min(ys)) / ((max(ys) - min(ys)) or 1)
+  path = lambda pts: " ".join(f"{X(s):.1f},{Y(y):.1f}" for s, y in pts)
+  svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
+         f'<rect width="{W}" height="{H}" fill="white"/><path d="M{m},{m}V{H - m}H{W - m}" fill="none" stroke="#444"/>',
+         f'<text x="4" y="{Y(max(ys)) + 4:.0f}">{max(ys):.2f}</text><text x="4" y="{Y(min(ys)) + 4:.0f}">{min(ys):.2f}</text>',
+         f'<text x="{W - m}" y="{H - m + 16}" text-anchor="end">step {rows[-1]["step"]}</text><text x="{m}" y="{m - 8}">nats/token</text>',
+         f'<polyline points="{path(train)}" fill="none" stroke="#999"/><text x="{W - m}" y="{m}" text-anchor="end" fill="#999">train loss (smoothed)</text>',
+         f'<polyline points="{path(val)}" fill="none" stroke="#c33" stroke-width="2"/><text x="{W - m}" y="{m + 16}" text-anchor="end" fill="#c33">validation NELBO</text>',
+         "</svg>"]
+  with open(svg_path, "w") as f: f.write("\n".join(svg))
 
 def state(model, ema, opt, keep) -> dict[str, Tensor]:
   tensors = {f"model.{k}": v for k, v in parameters(model).items()}
@@ -133,9 +151,11 @@ def main(argv=None):
   os.makedirs(args.out, exist_ok=True)
 
   tok_per_step = args.batch_size * args.seq_len * args.grad_accum
-  print(f"device {Device.DEFAULT} | preset {args.preset} | data {ds['name']} ({len(ds['train']):,} train tokens) | "
+  print(f"device {', '.join(devices(args.batch_size))} | preset {args.preset} | data {ds['name']} ({len(ds['train']):,} train tokens) | "
         f"{n_params(model) / 1e6:.2f}M parameters | vocab {cfg.vocab_size} | {tok_per_step:,} tokens/step | {args.dtype}")
-  train_step = diffusion.train_step(model, opt, cfg.mask_id, args.schedule, args.grad_clip, ema and list(parameters(ema).values()), args.ema)
+  replicas = [model] + [replica(cfg, args.dtype, device) for device in devices(args.batch_size)[1:]]
+  train_step = diffusion.train_step([(m, list(parameters(m).values())) for m in replicas], opt, cfg.mask_id, args.schedule,
+                                    args.grad_clip, ema and list(parameters(ema).values()), args.ema)
   evaluate = make_evaluate(ema or model, ds["val"], keep, args, cfg.mask_id)
 
   def checkpoint():
@@ -175,7 +195,7 @@ def main(argv=None):
       print(f"\nstep {step}: val NELBO {row['val_nelbo']:.4f} nats/token, perplexity <= {row['val_ppl']:.2f}"
             f"\n  sample: {unconditional_sample(ema or model, cfg, keep)!r}", flush=True)
     log.write(json.dumps(row) + "\n"); log.flush()
-    if row["val_nelbo"] is not None: checkpoint()
+    if row["val_nelbo"] is not None: checkpoint(); learning_curve(log_path, os.path.join(args.out, "curve.svg"))
   if stop: checkpoint()
   print(f"\n{'interrupted: ' if stop else ''}checkpoint at step {step} in {ckpt_path}" + (" (continue with --resume)" if stop else ""))
   if stop: sys.exit(130)

@@ -86,3 +86,20 @@ def test_a_few_hundred_steps_learn_a_repetitive_corpus():
   losses = [step(*batch()).item() for _ in range(300)]
   first, last = np.mean(losses[:10]), np.mean(losses[-30:])
   assert first > 0.8 * math.log(16) and last < 0.25 * math.log(16), (first, last)  # log 4 / 16 tokens ≈ 0.09 is the floor
+
+def test_fast_paths_compute_the_plain_formulas_and_their_gradients():
+  """embed() and tied_head() exist for speed (an atomic scatter-add backward, a custom head backward, a row split):
+  they must give the numbers, and the gradients, of plain indexing and a plain matmul."""
+  from model import embed, tied_head
+  rng = np.random.default_rng(5)
+  table, h, r = (rng.normal(size=s).astype(np.float32) for s in [(200, 16), (2, 7, 16), (2, 7, 200)])  # 200 rows: split 128 + 72
+  ids = Tensor(rng.integers(0, 200, (2, 7)).astype(np.int32))
+  outs = []
+  for fast in (True, False):
+    W, H = Tensor(table), Tensor(h)
+    with Context(TRAINING=1):
+      logits = tied_head(H, W) if fast else H @ W.T
+      e = embed(W, ids) if fast else W[ids]
+      ((logits * Tensor(r)).sum() + (e * e).sum()).backward()
+    outs.append([logits.numpy(), e.numpy(), W.grad.numpy(), H.grad.numpy()])
+  for a, b in zip(*outs): np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

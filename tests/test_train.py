@@ -1,5 +1,6 @@
 """train.py end to end on the tiny preset: logging, evaluation, exact resume, and faults that must lose nothing."""
 import json, math, os, signal
+from xml.etree import ElementTree
 import numpy as np, pytest
 from tinygrad import Tensor
 import model, train
@@ -19,6 +20,8 @@ def test_log_has_every_field_and_the_loss_falls(tiny_run):
   first, last = np.mean([r["train_loss"] for r in rows[:5]]), np.mean([r["train_loss"] for r in rows[-5:]])
   assert last < first, (first, last)                                  # the training loss is noisy: t is random
   assert evals[1]["val_nelbo"] < evals[0]["val_nelbo"] < math.log(513) - 0.5  # well below uniform over the vocabulary
+  svg = ElementTree.parse(tiny_run / "curve.svg").getroot()                    # the learning curve, drawn from the log
+  assert len(svg.findall("{http://www.w3.org/2000/svg}polyline")) == 2
 
 def test_evaluation_is_deterministic(tiny_run):
   tensors, meta = model.load_checkpoint(str(tiny_run / "ckpt.safetensors"))
