@@ -50,13 +50,14 @@ def nelbo(denoiser:Denoiser, x0:Tensor, t:Tensor, mask_id:int, schedule:str="log
   return (masked.where(-log_p, 0) * weight(t, schedule).unsqueeze(1)).sum() / x0.numel()
 
 def train_step(replicas:list[tuple[Denoiser, list[Tensor]]], opt, mask_id:int, schedule:str="loglinear", grad_clip:float=1.0,
-               ema_params:list[Tensor]|None=None, ema:float=0.0):
+               ema_params:list[Tensor]|None=None):
   """One optimizer step as two TinyJits: the gradient of the NELBO over the micro-batches, then global-norm clipping,
   the optimizer and the weight average. `replicas` are (denoiser, its parameters), one per device, the first holding the
   optimizer's parameters: each takes an equal slice of the batch, in its own thread. tinygrad runs a CPU kernel in the
   calling thread, so on a CPU a second device (CPU:1) is a second core. All randomness comes in with the data
   (x0: (A, B, T) micro-batches, u_t: (A, 1) time offsets, u_mask: (A, B, T) mask draws, numpy arrays), so a run can be
-  repeated exactly from its data generator, on any number of devices."""
+  repeated exactly from its data generator, on any number of devices. ema_params, if given, are a weight average updated
+  with the decay passed to each step."""
   n, params = len(replicas), replicas[0][1]
 
   def gradient(denoiser:Denoiser, ps:list[Tensor]) -> TinyJit:
@@ -75,12 +76,12 @@ def train_step(replicas:list[tuple[Denoiser, list[Tensor]]], opt, mask_id:int, s
 
   @TinyJit
   @Context(TRAINING=1)
-  def update(*grads:Tensor) -> Tensor:
+  def update(decay:Tensor, *grads:Tensor) -> Tensor:
     g = sum(flat.to(params[0].device) for flat in grads) / n
     g = g * (grad_clip / (g.square().sum().sqrt() + 1e-6)).minimum(1)  # g ← g · min(1, c / ‖g‖)
     for p, part in zip(params, g.split([p.numel() for p in params])): p.grad = part.reshape(p.shape)
     updates = opt.schedule_step()
-    for e, p in zip(ema_params or [], params): e.assign(ema * e + (1 - ema) * p)  # θ_ema ← d·θ_ema + (1 − d)·θ
+    for e, p in zip(ema_params or [], params): e.assign(decay * e + (1 - decay) * p)  # θ_ema ← d·θ_ema + (1 − d)·θ
     copies = [rp.assign(p.to(rp.device)) for _, ps in replicas[1:] for rp, p in zip(ps, params)]
     return Tensor.realize(*updates, *(ema_params or []), *copies)
 
@@ -89,7 +90,7 @@ def train_step(replicas:list[tuple[Denoiser, list[Tensor]]], opt, mask_id:int, s
   grads = [gradient(denoiser, ps) for denoiser, ps in replicas]
   pool = ThreadPoolExecutor(max(1, n - 1))
 
-  def step(x0, u_t, u_mask) -> Tensor:
+  def step(x0, u_t, u_mask, ema_decay:float=0.0) -> Tensor:
     B, b = x0.shape[1], x0.shape[1] // n
     if b * n != B: raise ValueError(f"the batch size {B} must be a multiple of the {n} devices")
     inputs = [(Tensor(x0[:, j*b:(j+1)*b], device=ps[0].device), Tensor(u_t + j * b / B, device=ps[0].device),
@@ -97,7 +98,7 @@ def train_step(replicas:list[tuple[Denoiser, list[Tensor]]], opt, mask_id:int, s
     parallel = grads[0].cnt >= 2  # replaying a captured TinyJit is thread-safe; capturing one is not
     futures = [pool.submit(g, *x) for g, x in zip(grads[1:], inputs[1:])] if parallel else []
     results = [grads[0](*inputs[0])] + ([f.result() for f in futures] if parallel else [g(*x) for g, x in zip(grads[1:], inputs[1:])])
-    update(*[flat for _, flat in results])
+    update(Tensor([ema_decay], device=params[0].device), *[flat for _, flat in results])
     return sum(loss.to(params[0].device) for loss, _ in results) / n
   return step
 

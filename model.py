@@ -141,6 +141,7 @@ class Denoiser:
     self._rope = rope_tables(cfg.seq_len, cfg.dim // cfg.n_heads)  # underscore: a buffer, not a parameter
     # SUBS: MASK and padding ids get −∞, so p_θ(x_0 = MASK | x_t) = 0
     self._subs = (Tensor.arange(cfg.padded_vocab) >= cfg.vocab_size).where(-math.inf, 0.0).contiguous().is_param_(False)
+    Tensor.realize(*get_state_dict(self).values())  # now: left lazy, the draws would depend on what else is drawn first
 
   def __call__(self, x:Tensor, t:Tensor) -> Tensor:
     """x: (B, T) token ids with MASK where masked; t: (B,) noise levels. Returns (B, T, padded_vocab) logits."""

@@ -155,7 +155,7 @@ def main(argv=None):
         f"{n_params(model) / 1e6:.2f}M parameters | vocab {cfg.vocab_size} | {tok_per_step:,} tokens/step | {args.dtype}")
   replicas = [model] + [replica(cfg, args.dtype, device) for device in devices(args.batch_size)[1:]]
   train_step = diffusion.train_step([(m, list(parameters(m).values())) for m in replicas], opt, cfg.mask_id, args.schedule,
-                                    args.grad_clip, ema and list(parameters(ema).values()), args.ema)
+                                    args.grad_clip, ema and list(parameters(ema).values()))
   evaluate = make_evaluate(ema or model, ds["val"], keep, args, cfg.mask_id)
 
   def checkpoint():
@@ -175,7 +175,7 @@ def main(argv=None):
     opt.lr.assign(Tensor([learning_rate(step, args)], dtype=opt.lr.dtype)).realize()
     data = batch(ds["train"], keep, args, rng)
     t0 = time.perf_counter()
-    loss = train_step(*data).item()
+    loss = train_step(*data, ema_decay=min(args.ema, (1 + step) / (10 + step))).item()  # a young average follows the model
     dt = time.perf_counter() - t0
     if not math.isfinite(loss):
       sys.exit(f"\nerror: the loss became {loss} at step {step + 1}; {ckpt_path} still holds the last good checkpoint "

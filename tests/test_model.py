@@ -1,9 +1,9 @@
 """The denoiser: adaLN-Zero identity at init, SUBS, bidirectional attention, time conditioning, and that it learns."""
 import math
 import numpy as np
-from tinygrad import Context, Tensor, TinyJit, nn
-from model import Config, Denoiser, modulate, parameters, rmsnorm
-from diffusion import antithetic_times, nelbo
+from tinygrad import Context, Tensor, TinyJit, dtypes, nn
+from model import Config, Denoiser, modulate, parameters, replica, rmsnorm
+from diffusion import antithetic_times, nelbo, train_step
 
 CFG = Config(vocab_size=13, seq_len=16, dim=32, n_layers=2, n_heads=2)
 
@@ -103,3 +103,44 @@ def test_fast_paths_compute_the_plain_formulas_and_their_gradients():
       ((logits * Tensor(r)).sum() + (e * e).sum()).backward()
     outs.append([logits.numpy(), e.numpy(), W.grad.numpy(), H.grad.numpy()])
   for a, b in zip(*outs): np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+def test_half_precision_compute_keeps_float32_weights_and_matches():
+  """--dtype: matmuls in the compute dtype, weights and their gradients in float32 (bfloat16 is the GPU choice; the CPU
+  backend's clang may lack it, so float16 stands in for it here)."""
+  outs = []
+  for dtype in ("float32", "float16"):
+    Tensor.manual_seed(6)
+    model = Denoiser(CFG, dtype)
+    randomize_modulation(model)
+    x, t = inputs()
+    with Context(TRAINING=1): nelbo(model, x.clip(0, CFG.vocab_size - 1), t, CFG.mask_id, u=Tensor.full(x.shape, 0.5)).backward()
+    assert all(p.dtype == p.grad.dtype == dtypes.float32 for p in parameters(model).values())
+    outs.append((model(x, t).numpy()[..., :CFG.vocab_size], model.blocks[0].qkv.weight.grad.numpy()))
+  np.testing.assert_allclose(outs[1][0], outs[0][0], rtol=2e-2, atol=2e-2)
+  np.testing.assert_allclose(outs[1][1], outs[0][1], rtol=5e-2, atol=5e-3 * np.abs(outs[0][1]).max())
+
+def test_two_device_step_matches_one_device_and_the_average_follows_its_formula():
+  """The data-parallel step splits the batch over CPU and CPU:1 and averages the gradients: the weights it reaches must
+  be the single-device ones (and the same seed must give the same initial weights whatever the devices). The weight average must be θ_ema ← d·θ_ema + (1 − d)·θ with the decay given to each step."""
+  rng = np.random.default_rng(3)
+  data = [(rng.integers(0, CFG.vocab_size, (1, 4, CFG.seq_len), dtype=np.int32), rng.random((1, 1), dtype=np.float32),
+           rng.random((1, 4, CFG.seq_len), dtype=np.float32)) for _ in range(3)]
+  runs = []
+  for devs in (["CPU"], ["CPU", "CPU:1"]):
+    Tensor.manual_seed(8)
+    model, ema = Denoiser(CFG), Denoiser(CFG)
+    params, ema_params = list(parameters(model).values()), list(parameters(ema).values())
+    for e in ema_params: e.assign(Tensor.zeros(*e.shape)).realize()
+    replicas = [model] + [replica(CFG, "float32", d) for d in devs[1:]]
+    opt = nn.optim.SGD(params, lr=0.5)  # linear in the gradient (Adam's first steps amplify rounding in near-zero ones)
+    step = train_step([(m, list(parameters(m).values())) for m in replicas], opt, CFG.mask_id, ema_params=ema_params)
+    losses, expected = [], [np.zeros(e.shape, np.float32) for e in ema_params]
+    for x, d in zip(data, (0.5, 0.9, 0.0)):
+      losses.append(step(*x, ema_decay=d).item())
+      expected = [d * e + (1 - d) * p.numpy() for e, p in zip(expected, params)]
+    for e, want in zip(ema_params, expected): np.testing.assert_allclose(e.numpy(), want, rtol=1e-5, atol=1e-6)
+    for r in replicas[1:]:
+      for a, b in zip(parameters(r).values(), params): np.testing.assert_array_equal(a.numpy(), b.numpy())
+    runs.append((losses, [p.numpy() for p in params]))
+  np.testing.assert_allclose(runs[1][0], runs[0][0], rtol=1e-5)
+  for a, b in zip(runs[1][1], runs[0][1]): np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

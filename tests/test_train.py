@@ -64,9 +64,9 @@ def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypat
   make = train.diffusion.train_step
   def poisoned(*a, **kw):
     step, n = make(*a, **kw), []
-    def run(*x):
+    def run(*x, **kw):
       n.append(1)
-      return Tensor(float("nan")) if len(n) == 3 else step(*x)
+      return Tensor(float("nan")) if len(n) == 3 else step(*x, **kw)
     return run
   monkeypatch.setattr(train.diffusion, "train_step", poisoned)
   with pytest.raises(SystemExit) as e: train.main(TINY + ["--steps", "6", "--eval-every", "2", "--out", str(tmp_path)])
