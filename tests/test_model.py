@@ -1,11 +1,16 @@
-"""The denoiser: adaLN-Zero identity at init, SUBS, bidirectional attention, time conditioning, and that it learns."""
+"""The denoiser: adaLN-Zero identity at init, SUBS, bidirectional attention, time conditioning, that it learns, and that
+the data-parallel step computes the single-device one."""
 import math
-import numpy as np
+import numpy as np, pytest
 from tinygrad import Context, Tensor, TinyJit, dtypes, nn
 from model import Config, Denoiser, modulate, parameters, replica, rmsnorm
-from diffusion import antithetic_times, nelbo, train_step
+from diffusion import SCHEDULES, antithetic_times, nelbo, train_step
 
 CFG = Config(vocab_size=13, seq_len=16, dim=32, n_layers=2, n_heads=2)
+
+def estimate(fn, draws:int) -> tuple[float, float]:
+  vals = np.array([fn() for _ in range(draws)])
+  return vals.mean(), vals.std(ddof=1) / math.sqrt(draws)
 
 def randomize_modulation(model:Denoiser):
   """adaLN-Zero starts every block as the identity; give the modulation weights values so the blocks act."""
@@ -65,14 +70,19 @@ def test_parameter_count_matches_the_architecture():
   expected = V * d + (256 * d + d) + (d * d + d) + CFG.n_layers * per_block + (2 * d * d + 2 * d)
   assert sum(p.numel() for p in parameters(Denoiser(CFG)).values()) == expected
 
-def test_a_few_hundred_steps_learn_a_repetitive_corpus():
-  """Sequences that repeat one of four fixed patterns: the NELBO must fall far below log(vocab)."""
+PATTERNS = np.array([np.roll(np.arange(16), k) for k in (0, 3, 7, 11)], dtype=np.int32)
+
+def pattern_batch(rng, B=32) -> tuple[Tensor, Tensor, Tensor]:
+  return (Tensor(PATTERNS[rng.integers(0, 4, B)]), Tensor(rng.random(1, dtype=np.float32)), Tensor(rng.random((B, 16), dtype=np.float32)))
+
+@pytest.fixture(scope="module")
+def trained():
+  """300 steps on sequences that repeat one of four fixed patterns, without time conditioning."""
   Tensor.manual_seed(4)
   rng = np.random.default_rng(4)
   cfg = Config(vocab_size=16, seq_len=16, dim=32, n_layers=2, n_heads=2, time_cond=False)
   model = Denoiser(cfg)
   opt = nn.optim.AdamW(list(parameters(model).values()), lr=3e-3, b1=0.9, b2=0.95, weight_decay=0)
-  patterns = np.array([np.roll(np.arange(16), k) for k in (0, 3, 7, 11)], dtype=np.int32)
 
   @TinyJit
   @Context(TRAINING=1)
@@ -80,12 +90,24 @@ def test_a_few_hundred_steps_learn_a_repetitive_corpus():
     opt.zero_grad()
     loss = nelbo(model, x0, antithetic_times(32, u0), cfg.mask_id, u=u).backward()
     return loss.realize(*opt.schedule_step())
+  return model, cfg, [step(*pattern_batch(rng)).item() for _ in range(300)]
 
-  def batch(): return (Tensor(patterns[rng.integers(0, 4, 32)]), Tensor(rng.random(1, dtype=np.float32)),
-                       Tensor(rng.random((32, 16), dtype=np.float32)))
-  losses = [step(*batch()).item() for _ in range(300)]
-  first, last = np.mean(losses[:10]), np.mean(losses[-30:])
+def test_a_few_hundred_steps_learn_a_repetitive_corpus(trained):
+  first, last = np.mean(trained[2][:10]), np.mean(trained[2][-30:])
   assert first > 0.8 * math.log(16) and last < 0.25 * math.log(16), (first, last)  # log 4 / 16 tokens ≈ 0.09 is the floor
+
+def test_without_time_conditioning_the_bound_does_not_depend_on_the_schedule(trained):
+  """NELBO = ∫ w(t)·E[−log p] dt = ∫₀¹ f(m) dm over the mask rate m = 1 − α(t), when p_θ sees only x_t: the same weights
+  give the same bound under every schedule. A wrong weight breaks this (−α′ alone, say, differs by a factor 1/m)."""
+  model, cfg, _ = trained
+  estimates = []
+  for schedule in SCHEDULES:
+    ev = TinyJit(lambda x0, u0, u: nelbo(model, x0, antithetic_times(32, u0), cfg.mask_id, schedule, u).realize())
+    rng = np.random.default_rng(5)
+    estimates.append(estimate(lambda: ev(*pattern_batch(rng)).item(), 60))
+  (a, se_a), (b, se_b) = estimates
+  assert abs(a - b) < 4 * math.hypot(se_a, se_b), estimates
+  assert math.log(4) / 16 - 4 * se_a < a < 0.25 * math.log(16)  # a bound: never below the data's entropy, log 4 / 16
 
 def test_fast_paths_compute_the_plain_formulas_and_their_gradients():
   """embed() and tied_head() exist for speed (an atomic scatter-add backward, a custom head backward, a row split):
