@@ -11,7 +11,7 @@ import numpy as np
 from tinygrad import Device, GlobalCounters, Tensor, dtypes, nn
 import diffusion
 from data import vocab
-from model import PRESETS, Config, Denoiser, add_size_flags, check_size, devices, n_params, parameters, positive, replica
+from model import PRESETS, Config, Denoiser, add_size_flags, check_size, devices, n_params, parameters, positive, replicas
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -23,8 +23,7 @@ def flops_per_token(cfg:Config) -> float:
 
 def bench_train(model, cfg, args) -> dict:
   opt = nn.optim.AdamW(list(parameters(model).values()), lr=1e-4, b1=0.9, b2=0.95, weight_decay=0.0)
-  replicas = [model] + [replica(cfg, args.dtype, device) for device in args.devices[1:]]
-  step = diffusion.train_step([(m, list(parameters(m).values())) for m in replicas], opt, cfg.mask_id)
+  step = diffusion.train_step(replicas(model, args.devices), opt, cfg.mask_id)
   rng = np.random.default_rng(0)
   def data():
     B, T = args.batch_size, args.seq_len

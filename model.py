@@ -160,11 +160,14 @@ def devices(batch_size:int) -> list[str]:
   two = Device.DEFAULT == "CPU" and (os.cpu_count() or 1) >= 2 and batch_size % 2 == 0
   return ["CPU", "CPU:1"] if two else [Device.DEFAULT]
 
-def replica(cfg:Config, dtype:str, device:str) -> Denoiser:
-  """Another copy of the network, on `device`; the train step keeps its weights equal to the first copy's."""
-  model = Denoiser(cfg, dtype)
-  for v in get_state_dict(model).values(): v.replace(v.to(device).realize())
-  return model
+def replicas(model:Denoiser, devices:list[str]) -> list[tuple[Denoiser, list[Tensor]]]:
+  """(copy, its parameters) for `model` and one more copy on each further device, for diffusion.train_step, which keeps
+  the copies' weights equal to the first's."""
+  copies = [model]
+  for device in devices[1:]:
+    copies.append(Denoiser(model.cfg, model.dtype))
+    for v in get_state_dict(copies[-1]).values(): v.replace(v.to(device).realize())
+  return [(m, list(parameters(m).values())) for m in copies]
 
 def parameters(model:Denoiser) -> dict[str, Tensor]:
   return {k: v for k, v in get_state_dict(model).items() if not k.startswith("_")}

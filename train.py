@@ -12,7 +12,7 @@ import diffusion
 from data import DataError, prepare, vocab
 from data.batches import train_batch, val_windows
 from model import (PRESETS, Config, Denoiser, add_size_flags, check_size, config_dict, devices, load_checkpoint, n_params,
-                   parameters, positive, replica, save_checkpoint)
+                   parameters, positive, replicas, save_checkpoint)
 
 TRAINING = {  # the training half of each preset (model.PRESETS holds the network and batch); every value is also a flag
   "tiny":  dict(steps=40, lr=3e-3, warmup=5, eval_every=20, eval_windows=16, eval_draws=1, ema=0.0),
@@ -153,9 +153,8 @@ def main(argv=None):
   tok_per_step = args.batch_size * args.seq_len * args.grad_accum
   print(f"device {', '.join(devices(args.batch_size))} | preset {args.preset} | data {ds['name']} ({len(ds['train']):,} train tokens) | "
         f"{n_params(model) / 1e6:.2f}M parameters | vocab {cfg.vocab_size} | {tok_per_step:,} tokens/step | {args.dtype}")
-  replicas = [model] + [replica(cfg, args.dtype, device) for device in devices(args.batch_size)[1:]]
-  train_step = diffusion.train_step([(m, list(parameters(m).values())) for m in replicas], opt, cfg.mask_id, args.schedule,
-                                    args.grad_clip, ema and list(parameters(ema).values()))
+  train_step = diffusion.train_step(replicas(model, devices(args.batch_size)), opt, cfg.mask_id, args.schedule, args.grad_clip,
+                                    ema and list(parameters(ema).values()))
   evaluate = make_evaluate(ema or model, ds["val"], keep, args, cfg.mask_id)
 
   def checkpoint():

@@ -3,14 +3,11 @@ the data-parallel step computes the single-device one."""
 import math
 import numpy as np, pytest
 from tinygrad import Context, Tensor, TinyJit, dtypes, nn
-from model import Config, Denoiser, modulate, parameters, replica, rmsnorm
+from model import Config, Denoiser, modulate, parameters, replicas, rmsnorm
 from diffusion import SCHEDULES, antithetic_times, nelbo, train_step
+from test_diffusion import estimate
 
 CFG = Config(vocab_size=13, seq_len=16, dim=32, n_layers=2, n_heads=2)
-
-def estimate(fn, draws:int) -> tuple[float, float]:
-  vals = np.array([fn() for _ in range(draws)])
-  return vals.mean(), vals.std(ddof=1) / math.sqrt(draws)
 
 def randomize_modulation(model:Denoiser):
   """adaLN-Zero starts every block as the identity; give the modulation weights values so the blocks act."""
@@ -153,16 +150,16 @@ def test_two_device_step_matches_one_device_and_the_average_follows_its_formula(
     model, ema = Denoiser(CFG), Denoiser(CFG)
     params, ema_params = list(parameters(model).values()), list(parameters(ema).values())
     for e in ema_params: e.assign(Tensor.zeros(*e.shape)).realize()
-    replicas = [model] + [replica(CFG, "float32", d) for d in devs[1:]]
+    copies = replicas(model, devs)
     opt = nn.optim.SGD(params, lr=0.5)  # linear in the gradient (Adam's first steps amplify rounding in near-zero ones)
-    step = train_step([(m, list(parameters(m).values())) for m in replicas], opt, CFG.mask_id, ema_params=ema_params)
+    step = train_step(copies, opt, CFG.mask_id, ema_params=ema_params)
     losses, expected = [], [np.zeros(e.shape, np.float32) for e in ema_params]
     for x, d in zip(data, (0.5, 0.9, 0.0)):
       losses.append(step(*x, ema_decay=d).item())
       expected = [d * e + (1 - d) * p.numpy() for e, p in zip(expected, params)]
     for e, want in zip(ema_params, expected): np.testing.assert_allclose(e.numpy(), want, rtol=1e-5, atol=1e-6)
-    for r in replicas[1:]:
-      for a, b in zip(parameters(r).values(), params): np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for _, ps in copies[1:]:
+      for a, b in zip(ps, params): np.testing.assert_array_equal(a.numpy(), b.numpy())
     runs.append((losses, [p.numpy() for p in params]))
   np.testing.assert_allclose(runs[1][0], runs[0][0], rtol=1e-5)
   for a, b in zip(runs[1][1], runs[0][1]): np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
