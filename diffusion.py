@@ -26,6 +26,12 @@ def weight(t, schedule:str="loglinear"):
   if schedule == "cosine": return (math.pi / 2) * _sin(t * (math.pi / 2)) / (1 - _cos(t * (math.pi / 2)))
   raise ValueError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
 
+def time_of(mask_prob, schedule:str="loglinear"):
+  """The inverse of 1 − α: the time at which a token is masked with probability mask_prob."""
+  if schedule == "loglinear": return mask_prob
+  if schedule == "cosine": return (1 - mask_prob).acos() * (2 / math.pi) if isinstance(mask_prob, Tensor) else math.acos(1 - mask_prob) * 2 / math.pi
+  raise ValueError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
+
 def antithetic_times(batch_size:int, u:Tensor|None=None, eps:float=1e-3, spread:int=0) -> Tensor:
   """Times spread evenly over the batch with one random offset: the same expectation, much less variance.
   spread: the size of the whole batch when this is a slice of it (its offset u then includes the slice's start)."""
@@ -49,15 +55,45 @@ def nelbo(denoiser:Denoiser, x0:Tensor, t:Tensor, mask_id:int, schedule:str="log
   log_p = denoiser(x_t, t).log_softmax(-1).gather(-1, x0.unsqueeze(-1)).squeeze(-1)  # log p_θ(x_0^i | x_t)
   return (masked.where(-log_p, 0) * weight(t, schedule).unsqueeze(1)).sum() / x0.numel()
 
+def nelbo_by_count(denoiser:Denoiser, x0:Tensor, k:Tensor, u:Tensor, mask_id:int, schedule:str="loglinear") -> Tensor:
+  """The same NELBO, estimated for evaluation with far less variance: (B,) unbiased estimates, one per row.
+
+  Given the number k of masked tokens, the integral over t can be done by hand (w(t)dt = dm/m for the mask rate m):
+    NELBO = E_{k ~ U{1..L}} E_{m ~ Beta(k, L−k+1)} E_{S: |S| = k} [ mean_{i∈S} −log p_θ(x_0^i | x_t) ]
+  The weight is absorbed into how m is drawn, so nothing like 1/t multiplies the noise of a nearly clean x_t, and k can
+  be stratified by the caller. The k positions with the smallest of L uniforms u are such an S, and the k-th smallest u
+  is such an m. Unlike `nelbo`, t is not cut off at ε: this is the whole integral."""
+  idx = Tensor.arange(x0.shape[1])
+  before = (u.unsqueeze(1) < u.unsqueeze(2)) | ((u.unsqueeze(1) == u.unsqueeze(2)) & (idx.reshape(1, 1, -1) < idx.reshape(1, -1, 1)))
+  masked = before.sum(-1) < k.unsqueeze(1)  # rank of u_i in its row (ties broken by position) < k
+  m = masked.where(u, 0).max(-1)             # the mask rate: the k-th smallest u
+  log_p = denoiser(masked.where(mask_id, x0), time_of(m, schedule)).log_softmax(-1).gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+  return masked.where(-log_p, 0).sum(-1) / k
+
+def stratified_mean(e:list[list[float]]) -> tuple[float, float]:
+  """Mean and standard error of estimates e[n][j] (window n, stratum j of its mask counts, independent draws). The error
+  is that of the draws for these windows: adjacent strata are paired and each pair's squared difference estimates the
+  sum of their variances (collapsed strata: a slight overestimate, by the spread of the strata's own means)."""
+  N, K = len(e), len(e[0])
+  if K % 2: raise ValueError(f"the standard error needs an even number of strata per window, got {K}")
+  mean = sum(map(sum, e)) / (N * K)
+  return mean, math.sqrt(sum((r[j] - r[j + 1]) ** 2 for r in e for j in range(0, K, 2))) / (N * K)
+
+def ar_nll(denoiser:Denoiser, x:Tensor) -> Tensor:
+  """The autoregressive twin's objective, for comparison with `nelbo`: the same network with causal attention reads the
+  clean prefix x_<i (no noise, no MASK, no t) and predicts x_i. (B,): each row's exact NLL in nats per predicted token."""
+  log_p = denoiser(x[:, :-1], Tensor.zeros(x.shape[0], device=x.device)).log_softmax(-1).gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1)
+  return -log_p.mean(-1)
+
 def train_step(replicas:list[tuple[Denoiser, list[Tensor]]], opt, mask_id:int, schedule:str="loglinear", grad_clip:float=1.0,
-               ema_params:list[Tensor]|None=None):
+               ema_params:list[Tensor]|None=None, causal:bool=False):
   """One optimizer step as two TinyJits: the gradient of the NELBO over the micro-batches, then global-norm clipping,
   the optimizer and the weight average. `replicas` are (denoiser, its parameters), one per device, the first holding the
   optimizer's parameters: each takes an equal slice of the batch, in its own thread. tinygrad runs a CPU kernel in the
   calling thread, so on a CPU a second device (CPU:1) is a second core. All randomness comes in with the data
   (x0: (A, B, T) micro-batches, u_t: (A, 1) time offsets, u_mask: (A, B, T) mask draws, numpy arrays), so a run can be
   repeated exactly from its data generator, on any number of devices. ema_params, if given, are a weight average updated
-  with the decay passed to each step."""
+  with the decay passed to each step. causal: train the autoregressive twin (`ar_nll`) on x0 instead (then u_t, u_mask are unused)."""
   n, params = len(replicas), replicas[0][1]
 
   def gradient(denoiser:Denoiser, ps:list[Tensor]) -> TinyJit:
@@ -67,7 +103,8 @@ def train_step(replicas:list[tuple[Denoiser, list[Tensor]]], opt, mask_id:int, s
       for p in ps: p.grad = None
       A, loss = x0.shape[0], Tensor.zeros((), device=x0.device)
       for i in range(A):
-        micro = nelbo(denoiser, x0[i], antithetic_times(x0.shape[1], u_t[i], spread=n * x0.shape[1]), mask_id, schedule, u_mask[i])
+        if causal: micro = ar_nll(denoiser, x0[i]).mean()
+        else: micro = nelbo(denoiser, x0[i], antithetic_times(x0.shape[1], u_t[i], spread=n * x0.shape[1]), mask_id, schedule, u_mask[i])
         (micro / A).backward()
         loss = loss + micro.detach() / A
       flat = Tensor.cat(*[p.grad.contiguous().flatten() for p in ps])  # contiguous: else every gradient fuses into one kernel
@@ -177,6 +214,19 @@ def sample(denoiser:Denoiser, x:Tensor, mask_id:int, steps:int, schedule:str="lo
     x, changed = reveal(x, tokens, confidence, Tensor([alpha(t, schedule)]), Tensor([alpha(s, schedule)]))
     if cache and changed.item(): tokens = None  # x_t changed: the next step needs a fresh p_θ
     yield x, s, nfe
+
+def sample_ar(denoiser:Denoiser, x:Tensor, mask_id:int, temperature:float=1.0, top_p:float=1.0) -> Iterator[tuple[Tensor, float, int]]:
+  """The autoregressive twin's sampler, yielding as `sample` does: left to right, each MASK at position i > 0 is drawn
+  from the logits at i − 1, one network evaluation per position. Text after a MASK is not seen before it is reached."""
+  B, T = x.shape
+  V = denoiser(x, Tensor.zeros(B)).shape[-1]
+  @TinyJit
+  def predict(x:Tensor, noise:Tensor) -> Tensor: return draw(denoiser(x, Tensor.zeros(B)), noise, temperature, top_p).realize()
+  todo = [i for i in range(1, T) if (x[:, i] == mask_id).any().item()]
+  for nfe, i in enumerate(todo, start=1):
+    drawn = predict(x, gumbel(B, T, V).realize()).pad(((0, 0), (1, 0)))[:, :T]  # the token drawn at i − 1 is for position i
+    x = ((Tensor.arange(T) == i) & (x == mask_id)).where(drawn, x).realize()
+    yield x, 1 - nfe / len(todo), nfe
 
 def generate(denoiser:Denoiser, x:Tensor, mask_id:int, steps:int, **kw) -> Tensor:
   """The final sample of `sample`, for callers that do not watch the steps."""

@@ -17,6 +17,7 @@ class Config:
   n_layers: int = 4
   n_heads: int = 4
   time_cond: bool = True   # off: the network sees only x_t (MDLM: the mask pattern already tells the noise level)
+  causal: bool = False     # the autoregressive twin: each position attends only to itself and the positions before it
 
   @property
   def mask_id(self) -> int: return self.vocab_size
@@ -115,13 +116,14 @@ class Block:
     self.up, self.down = Linear(dim, 4 * dim, bias=False), Linear(4 * dim, dim, bias=False)
     self.ada = zero_linear(dim, 6 * dim)
 
-  def __call__(self, x:Tensor, c:Tensor, cos:Tensor, sin:Tensor) -> Tensor:
+  def __call__(self, x:Tensor, c:Tensor, cos:Tensor, sin:Tensor, mask:Tensor|None=None) -> Tensor:
     B, T, D = x.shape
     shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c.silu()).unsqueeze(1).chunk(6, dim=-1)
     q, k, v = [y.reshape(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)
                for y in self.qkv(modulate(x, shift1, scale1)).chunk(3, dim=-1)]
     q, k = rope(q, cos, sin).contiguous(), rope(k, cos, sin).contiguous()
-    attn = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1).contiguous() @ v  # bidirectional: no causal mask
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    attn = (scores if mask is None else scores + mask).softmax(-1).contiguous() @ v  # MDLM: bidirectional, mask None
     x = x + gate1 * self.proj(attn.transpose(1, 2).reshape(B, T, D))            # x + gate·f(rmsnorm(x)·(1+scale) + shift)
     return x + gate2 * self.down(self.up(modulate(x, shift2, scale2)).gelu().contiguous())  # tinygrad's gelu is the tanh form
 
@@ -139,6 +141,7 @@ class Denoiser:
     self.blocks = [Block(cfg.dim, cfg.n_heads) for _ in range(cfg.n_layers)]
     self.ada_final = zero_linear(cfg.dim, 2 * cfg.dim)
     self._rope = rope_tables(cfg.seq_len, cfg.dim // cfg.n_heads)  # underscore: a buffer, not a parameter
+    if cfg.causal: self._causal = stored(Tensor.full((cfg.seq_len, cfg.seq_len), -math.inf).triu(1)).is_param_(False)  # −∞: the future
     # SUBS: MASK and padding ids get −∞, so p_θ(x_0 = MASK | x_t) = 0
     self._subs = (Tensor.arange(cfg.padded_vocab) >= cfg.vocab_size).where(-math.inf, 0.0).contiguous().is_param_(False)
     Tensor.realize(*get_state_dict(self).values())  # now: left lazy, the draws would depend on what else is drawn first
@@ -146,11 +149,12 @@ class Denoiser:
   def __call__(self, x:Tensor, t:Tensor) -> Tensor:
     """x: (B, T) token ids with MASK where masked; t: (B,) noise levels. Returns (B, T, padded_vocab) logits."""
     T = x.shape[1]
-    if not self.cfg.time_cond: t = t.zeros_like()
+    if not self.cfg.time_cond or self.cfg.causal: t = t.zeros_like()
     c = self.t_out(self.t_in(time_features(t)).silu()).cast(self.dtype)
     h = embed(self.tok_emb, x).cast(self.dtype)
     cos, sin = self._rope[0][:T], self._rope[1][:T]
-    for block in self.blocks: h = block(h, c, cos, sin)
+    mask = self._causal[:T, :T] if self.cfg.causal else None
+    for block in self.blocks: h = block(h, c, cos, sin, mask)
     shift, scale = self.ada_final(c.silu()).unsqueeze(1).chunk(2, dim=-1)
     return tied_head(modulate(h, shift, scale), self.tok_emb.cast(self.dtype)).float() + self._subs  # head tied to the embedding
 

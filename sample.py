@@ -3,25 +3,28 @@
   python sample.py --visualize                          # animate the reverse process in the terminal
   python sample.py --prompt "Once upon a time" --num-samples 3
   python sample.py --prompt "Tom had a [MASK*3] dog. [MASK*20] The end."   # infilling
-  python sample.py --html story.html                    # a self-contained page that replays the denoising"""
-import argparse, json, re, sys, time
+  python sample.py --html story.html                    # a self-contained page that replays the denoising
+  python sample.py --quality --judge out/ar/ckpt.safetensors --num-samples 32   # gen PPL, entropy, repetition, copying
+
+A checkpoint of the autoregressive twin (train.py --causal) samples left to right with the same options."""
+import argparse, json, math, re, sys, time
 import numpy as np
 from tinygrad import Tensor, dtypes
 import diffusion
-from data import DataError, vocab
+from data import DataError, prepare, vocab
 from model import Denoiser, config_from, load_checkpoint, parameters
 
 MARKER = re.compile(r"\[MASK(?:\*(\d+))?\]")
 
-def load(path:str) -> tuple[Denoiser, list|None]:
-  """The denoiser from a train.py checkpoint (its EMA weights when it has them) and its vocabulary."""
+def load(path:str) -> tuple[Denoiser, list|None, dict]:
+  """The denoiser from a train.py checkpoint (its EMA weights when it has them), its vocabulary and the run's flags."""
   tensors, meta = load_checkpoint(path)
   model = Denoiser(config_from(meta))
   prefix = "ema." if any(k.startswith("ema.") for k in tensors) else "model."
   for k, v in parameters(model).items():
     if prefix + k not in tensors or tensors[prefix + k].shape != v.shape: raise ValueError(f"{path} lacks {prefix + k}: it was not written by train.py")
     v.assign(tensors[prefix + k]).realize()
-  return model, (tensors["vocab.keep"].numpy().tolist() if "vocab.keep" in tensors else None)
+  return model, (tensors["vocab.keep"].numpy().tolist() if "vocab.keep" in tensors else None), meta["args"]
 
 def template(prompt:str, keep, length:int|None, context:int, mask_id:int) -> np.ndarray:
   """Token ids with mask_id where text is to be generated. `[MASK]` is one token to fill, `[MASK*N]` N tokens; text
@@ -86,6 +89,66 @@ show(0);
 """
   with open(path, "w", encoding="utf-8") as f: f.write(page)
 
+def reverse_process(model, init:np.ndarray, args):
+  """The sampler for this checkpoint: the reverse diffusion from the masks in init, or the autoregressive twin left to right."""
+  x, cfg = Tensor(np.tile(init, (args.num_samples, 1)).astype(np.int32)), model.cfg
+  if cfg.causal: return diffusion.sample_ar(model, x, cfg.mask_id, args.temperature, args.top_p)
+  return diffusion.sample(model, x, cfg.mask_id, args.steps, args.schedule, args.sampler, cache=not cfg.time_cond and args.sampler == "ancestral",
+                          temperature=args.temperature, top_p=args.top_p)
+
+# ***** sample quality: the field's figures for a set of texts, each as mean ± standard error over the texts *****
+
+def ngrams(ids, n:int) -> np.ndarray:
+  """One uint64 per n-gram of ids (each < 2^16): 4 tokens pack exactly into one, longer n-grams are hashed from their
+  4-token parts (a false match has odds ~1e-13 per lookup)."""
+  w, h = np.lib.stride_tricks.sliding_window_view(np.asarray(ids, np.uint64), n), np.uint64(0)
+  for j in range(0, n, 4): h = h * np.uint64(0x9E3779B97F4A7C15) ^ (w[:, j:j + 4] << np.arange(0, 64, 16, dtype=np.uint64)[:min(4, n - j)]).sum(-1)
+  return h
+
+def entropy(ids) -> float:
+  """Entropy of a text's own token frequencies (nats): repetitive text has little, and games generative perplexity."""
+  p = np.unique(ids, return_counts=True)[1] / len(ids)
+  return float(-(p * np.log(p)).sum())
+
+def distinct(ids, n:int=4) -> float: return len(np.unique(ngrams(ids, n))) / (len(ids) - n + 1)  # 1 − repetition
+
+def copied(ids, train_grams:np.ndarray, n:int=8) -> float:
+  """The share of a text's n-grams that occur somewhere in the training split (train_grams: np.unique(ngrams(train, n)))."""
+  return float(np.isin(ngrams(ids, n), train_grams).mean())
+
+def judge_nll(judge, texts:np.ndarray, start:int) -> np.ndarray:
+  """Each text's NLL per token under an autoregressive judge that reads it after `start` (an end of text)."""
+  x = np.concatenate([np.full((len(texts), 1), start), texts], 1)[:, :judge.cfg.seq_len + 1]
+  return diffusion.ar_nll(judge, Tensor(x.astype(np.int32))).numpy()
+
+def quality(texts:np.ndarray, judge, start:int, train_grams:np.ndarray) -> dict:
+  def mean_se(v): v = np.asarray(v, np.float64); return [round(float(v.mean()), 4), round(float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0, 4)]
+  q = {"entropy": mean_se([entropy(t) for t in texts]), "distinct4": mean_se([distinct(t) for t in texts]),
+       "copied8": mean_se([copied(t, train_grams) for t in texts])}
+  if judge is not None:
+    nll = mean_se(judge_nll(judge, texts, start))
+    q |= {"judge_nll": nll, "gen_ppl": [round(math.exp(nll[0]), 2), round(math.exp(nll[0]) * nll[1], 2)]}  # delta method
+  return q
+
+def report(args, model, keep, run_args, samples:np.ndarray, nfe:int, seconds:float):
+  """--quality: the samples' figures, then the same for held-out text and for the judge's own samples (reference rows)."""
+  judge, judge_keep, _ = load(args.judge) if args.judge else (None, keep, None)
+  if judge is not None and not judge.cfg.causal: raise ValueError(f"--judge {args.judge} is not an autoregressive twin: train one with `python train.py --causal`")
+  if judge_keep != keep: raise ValueError(f"--judge {args.judge} has another vocabulary than {args.ckpt}: train both on the same --data and --vocab-size")
+  ds = prepare.load(run_args["data"], explicit=True, log=lambda *a: print(*a, file=sys.stderr))
+  grams = np.unique(ngrams(vocab.to_compact(ds["train"][:50_000_000], keep), 8))  # the first 50M tokens of very large data
+  L, start = samples.shape[1], vocab.eot(keep)
+  rows = {"samples": (samples, {"sampler": "autoregressive" if model.cfg.causal else args.sampler, "steps": args.steps, "nfe": nfe, "seconds": round(seconds, 2)}),
+          "validation text": (vocab.to_compact(np.asarray(ds["val"][:args.num_samples * L]), keep).reshape(-1, L), {})}
+  if judge is not None and args.judge != args.ckpt:
+    own, _, judge_nfe = [*reverse_process(judge, np.r_[start, np.full(judge.cfg.seq_len - 1, judge.cfg.mask_id)].astype(np.int32), args)][-1]
+    rows["judge's own samples"] = (own.numpy()[:, 1:], {"nfe": judge_nfe})
+  for name, (texts, extra) in rows.items():
+    q = quality(texts, judge, start, grams)
+    cols = [f"{k} {v[0]:.3f} ± {v[1]:.3f}" for k, v in q.items() if k != "judge_nll"]
+    print(f"{name:>20} (n={len(texts)}): " + " | ".join(cols), file=sys.stderr)
+    print(json.dumps({"rows": name, "temperature": args.temperature, "top_p": args.top_p, **extra, **q}))
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__[__doc__.index("\n"):])
   p.add_argument("--ckpt", default="out/ckpt.safetensors", help="a checkpoint written by train.py")
@@ -102,6 +165,9 @@ def main(argv=None):
   p.add_argument("--visualize", action="store_true", help="animate the reverse process (plain snapshots when not a terminal)")
   p.add_argument("--fps", type=float, default=20)
   p.add_argument("--html", help="also write a self-contained HTML page replaying the denoising")
+  p.add_argument("--quality", action="store_true", help="score the samples: generative perplexity under --judge, entropy, "
+                 "distinct 4-grams, 8-grams copied from the training split; with held-out text as a reference row (JSON lines)")
+  p.add_argument("--judge", help="an autoregressive twin's checkpoint (train.py --causal) to compute generative perplexity")
   args = p.parse_args(argv)
   for name in ("num_samples", "steps", "fps"):
     if getattr(args, name) <= 0: p.error(f"--{name.replace('_', '-')} must be > 0")
@@ -109,19 +175,19 @@ def main(argv=None):
   if args.temperature < 0 or not 0 < args.top_p <= 1: p.error("--temperature must be >= 0 and --top-p in (0, 1]")
 
   try:
-    model, keep = load(args.ckpt)
+    model, keep, run_args = load(args.ckpt)
     cfg = model.cfg
     if args.length and args.length > cfg.seq_len: raise ValueError(f"--length {args.length} is more than the model context ({cfg.seq_len})")
     init = template(args.prompt, keep, args.length, cfg.seq_len, cfg.mask_id)
   except (DataError, ValueError, FileNotFoundError) as e: sys.exit(f"error: {e}")
 
   Tensor.manual_seed(args.seed)
-  x = Tensor(np.tile(init, (args.num_samples, 1)).astype(np.int32))
-  revealed_at = np.where(init == cfg.mask_id, args.steps + 1, -1)[None].repeat(args.num_samples, 0)
-  frames, steps = [{"t": 1.0, "revealed": 0}], diffusion.sample(
-    model, x, cfg.mask_id, args.steps, args.schedule, args.sampler, cache=not cfg.time_cond and args.sampler == "ancestral",
-    temperature=args.temperature, top_p=args.top_p)
+  skip = int(cfg.causal and init[0] == cfg.mask_id)
+  if skip: init[0] = vocab.eot(keep)  # the autoregressive twin starts after an end of text, as a story does (not shown)
   gen = init == cfg.mask_id
+  if cfg.causal: args.steps = int(gen.sum())  # left to right: one step, and one network evaluation, per token
+  revealed_at = np.where(gen, args.steps + 1, -1)[None].repeat(args.num_samples, 0)
+  frames, steps = [{"t": 1.0, "revealed": 0}], reverse_process(model, init, args)
   tty, t0, nfe = sys.stdout.isatty(), time.perf_counter(), 0
   snapshots = set(np.linspace(0, args.steps, 6).round().astype(int).tolist())
   for k, (xs, s, nfe) in enumerate(steps, start=1):
@@ -130,13 +196,16 @@ def main(argv=None):
     frames.append({"t": s, "revealed": round(100 * float((xs[:, gen] != cfg.mask_id).mean()) if gen.any() else 100, 1)})
     if args.visualize and (tty or k in snapshots):
       head = f"step {k}/{args.steps}  t = {s:.3f}  {frames[-1]['revealed']}% revealed  NFE {nfe}"
-      body = "\n\n".join(frame_text(xs[i], revealed_at[i], k, keep, cfg.mask_id, tty) for i in range(len(xs)))
+      body = "\n\n".join(frame_text(xs[i, skip:], revealed_at[i, skip:], k, keep, cfg.mask_id, tty) for i in range(len(xs)))
       print(("\x1b[H\x1b[J" if tty else "") + head + "\n" + body + ("\n" if tty else "\n" + "-" * 40), flush=True)
       if tty: time.sleep(1 / args.fps)
   wall = time.perf_counter() - t0
   if not args.visualize:
-    for i in range(len(xs)): print(vocab.decode(xs[i], keep) + ("\n" + "-" * 40 if i < len(xs) - 1 else ""))
-  if args.html: write_html(args.html, list(zip(xs, revealed_at)), frames, keep, cfg.mask_id)
+    for i in range(len(xs)): print(vocab.decode(xs[i, skip:], keep) + ("\n" + "-" * 40 if i < len(xs) - 1 else ""))
+  if args.html: write_html(args.html, list(zip(xs[:, skip:], revealed_at[:, skip:])), frames, keep, cfg.mask_id)
+  if args.quality:
+    try: report(args, model, keep, run_args, xs[:, skip:], nfe, wall)
+    except (DataError, ValueError, FileNotFoundError) as e: sys.exit(f"error: {e}")
   print(f"{args.num_samples} x {len(init)} tokens | {args.steps} steps | NFE {nfe} | {wall:.1f} s"
         f"{' (with animation delays)' if args.visualize and tty else ''} | {args.num_samples * gen.sum() / wall:,.0f} tokens/s", file=sys.stderr)
 

@@ -15,11 +15,11 @@ from model import (PRESETS, Config, Denoiser, add_size_flags, check_size, config
                    parameters, positive, replicas, save_checkpoint)
 
 TRAINING = {  # the training half of each preset (model.PRESETS holds the network and batch); every value is also a flag
-  "tiny":  dict(steps=40, lr=3e-3, warmup=5, eval_every=20, eval_windows=16, eval_draws=1, ema=0.0),
+  "tiny":  dict(steps=40, lr=3e-3, warmup=5, eval_every=20, eval_windows=16, eval_draws=2, ema=0.0),
   "small": dict(steps=3000, lr=1e-3, warmup=100, eval_every=250, eval_windows=64, eval_draws=4, ema=0.999),
   "base":  dict(steps=20000, lr=6e-4, warmup=500, eval_every=1000, eval_windows=256, eval_draws=4, ema=0.9999),
 }
-ARCH = ("dim", "n_layers", "n_heads", "seq_len", "vocab_size", "time_cond")  # what a resumed run may not change
+ARCH = ("dim", "n_layers", "n_heads", "seq_len", "vocab_size", "time_cond", "causal")  # what a resumed run may not change
 
 def fraction(s):
   v = float(s)
@@ -40,19 +40,23 @@ def parse_args(argv=None):
   p.add_argument("--ema", type=fraction, help="decay of the weight average used for evaluation and sampling; 0: off")
   p.add_argument("--grad-accum", type=positive(int), help="micro-batches per optimizer step (default 1)")
   p.add_argument("--schedule", choices=diffusion.SCHEDULES, help="noise schedule for training (default loglinear)")
+  p.add_argument("--causal", action="store_true", default=None,
+                 help="train the autoregressive twin instead: the same network, causal attention, next-token NLL")
   p.add_argument("--weight-decay", type=float)
   p.add_argument("--grad-clip", type=positive(float), help="global gradient-norm clip (default 1.0)")
   args = p.parse_args(argv)
   args.explicit = {k for k, v in vars(args).items() if v is not None and k not in ("out", "resume")}
   return args
 
-DEFAULTS = dict(data="tinystories", seed=1337, grad_accum=1, schedule="loglinear", weight_decay=0.0, grad_clip=1.0, time_cond=True)
+DEFAULTS = dict(data="tinystories", seed=1337, grad_accum=1, schedule="loglinear", weight_decay=0.0, grad_clip=1.0, time_cond=True, causal=False)
 
 def resolve(args, saved:dict|None=None):
   """Fill unset flags: from the run being resumed, else the preset (by backend when not given), else DEFAULTS."""
   args.preset = args.preset or (saved or {}).get("preset") or ("small" if Device.DEFAULT == "CPU" else "base")
   for k, v in {**DEFAULTS, **PRESETS[args.preset], **TRAINING[args.preset], **(saved or {})}.items():
     if getattr(args, k, None) is None: setattr(args, k, v)
+  if args.eval_draws % 2 and not args.causal: raise ValueError(f"--eval-draws must be even (strata are paired for the standard error), got {args.eval_draws}")
+  if args.causal: args.time_cond = False  # the twin has no noise level to read
   return check_size(args)
 
 def learning_rate(step:int, args) -> float:
@@ -61,25 +65,34 @@ def learning_rate(step:int, args) -> float:
 
 def batch(tokens, keep, args, rng):
   """A step's data and all its randomness, drawn from one numpy generator so that a resumed run repeats it exactly."""
-  B, T, A = args.batch_size, args.seq_len, args.grad_accum
+  B, T, A = args.batch_size, args.seq_len + args.causal, args.grad_accum  # the twin predicts each token from the ones before
   x0 = vocab.to_compact(train_batch(tokens, A * B, T, rng), keep).reshape(A, B, T)
   return x0, rng.random((A, 1), dtype=np.float32), rng.random((A, B, T), dtype=np.float32)
 
 def make_evaluate(model, val, keep, args, mask_id):
-  """Validation NELBO over fixed windows with fixed time and mask draws: the same weights always give the same number."""
-  windows = vocab.to_compact(val_windows(val, args.seq_len, args.eval_windows), keep)
-  B = min(args.batch_size, len(windows))
-  windows = windows[: len(windows) // B * B].reshape(-1, B, args.seq_len)
-  rng = np.random.default_rng(0)
-  draws = [(Tensor(w), Tensor(rng.random(1, dtype=np.float32)), Tensor(rng.random(w.shape, dtype=np.float32)))
-           for _ in range(args.eval_draws) for w in windows]
-  step = TinyJit(lambda x0, u_t, u: diffusion.nelbo(model, x0, diffusion.antithetic_times(B, u_t), mask_id, args.schedule, u).realize())
-  return lambda: float(np.mean([step(*d).item() for d in draws]))
+  """Validation NELBO and its standard error over fixed windows with fixed draws: the same weights always give the same
+  numbers. MDLM: each window is scored at `eval_draws` mask counts, one from each of as many equal slices of 1..L, and
+  the error is that of these draws. The autoregressive twin: the exact NLL of the same text, with no error to report."""
+  L, K, B, rng = args.seq_len, 1 if args.causal else args.eval_draws, args.batch_size, np.random.default_rng(0)
+  windows = vocab.to_compact(val_windows(val, L + args.causal, args.eval_windows), keep)
+  N = len(windows)
+  k = 1 + np.floor(L * (np.arange(K) + rng.random((N, 1))) / K).astype(np.int32)  # (N, K) mask counts, stratified
+  u = rng.random((N * K, L), dtype=np.float32)
+  pad = np.arange(-(-N * K // B) * B) % (N * K)  # whole batches: the last one wraps around to the first rows
+  batches = [(Tensor(windows[i // K]), Tensor(k.reshape(-1)[i]), Tensor(u[i])) for i in pad.reshape(-1, B)]
+  if args.causal: step = TinyJit(lambda x0, k, u: diffusion.ar_nll(model, x0).realize())
+  else: step = TinyJit(lambda x0, k, u: diffusion.nelbo_by_count(model, x0, k, u, mask_id, args.schedule).realize())
+  def evaluate() -> tuple[float, float]:
+    e = np.concatenate([step(*b).numpy() for b in batches])[:N * K]
+    return (float(e.mean()), 0.0) if args.causal else diffusion.stratified_mean(e.reshape(N, K).tolist())
+  return evaluate
 
 def unconditional_sample(model, cfg, keep, steps=64) -> str:
-  x = Tensor.full((1, cfg.seq_len), cfg.mask_id, dtype=dtypes.int32).contiguous()
-  x = diffusion.generate(model, x, cfg.mask_id, steps, cache=not cfg.time_cond)
-  return vocab.decode(x.numpy()[0], keep)
+  x = np.full((1, cfg.seq_len), cfg.mask_id, np.int32)
+  if cfg.causal: x[0, 0] = vocab.eot(keep)  # the twin starts after an end of text, as a story does
+  states = diffusion.sample_ar(model, Tensor(x), cfg.mask_id) if cfg.causal else diffusion.sample(model, Tensor(x), cfg.mask_id, steps, cache=not cfg.time_cond)
+  for xs, _, _ in states: pass
+  return vocab.decode(xs.numpy()[0][cfg.causal:], keep)
 
 def learning_curve(log_path:str, svg_path:str):
   """log.jsonl as an SVG (no plotting library): training loss, smoothed, and validation NELBO in nats/token by step."""
@@ -131,7 +144,7 @@ def main(argv=None):
   except (DataError, ValueError, FileNotFoundError) as e: sys.exit(f"error: {e}")
 
   cfg = Config(vocab_size=vocab.n_tokens(keep), seq_len=args.seq_len, dim=args.dim, n_layers=args.n_layers,
-               n_heads=args.n_heads, time_cond=args.time_cond)
+               n_heads=args.n_heads, time_cond=args.time_cond, causal=args.causal)
   Tensor.manual_seed(args.seed)
   model = Denoiser(cfg, dtype=args.dtype)
   ema = Denoiser(cfg, dtype=args.dtype) if args.ema > 0 else None
@@ -152,9 +165,10 @@ def main(argv=None):
 
   tok_per_step = args.batch_size * args.seq_len * args.grad_accum
   print(f"device {', '.join(devices(args.batch_size))} | preset {args.preset} | data {ds['name']} ({len(ds['train']):,} train tokens) | "
-        f"{n_params(model) / 1e6:.2f}M parameters | vocab {cfg.vocab_size} | {tok_per_step:,} tokens/step | {args.dtype}")
+        f"{n_params(model) / 1e6:.2f}M parameters | vocab {cfg.vocab_size} | {tok_per_step:,} tokens/step | {args.dtype}"
+        + (" | autoregressive twin (--causal)" if args.causal else ""))
   train_step = diffusion.train_step(replicas(model, devices(args.batch_size)), opt, cfg.mask_id, args.schedule, args.grad_clip,
-                                    ema and list(parameters(ema).values()))
+                                    ema and list(parameters(ema).values()), args.causal)
   evaluate = make_evaluate(ema or model, ds["val"], keep, args, cfg.mask_id)
 
   def checkpoint():
@@ -182,16 +196,18 @@ def main(argv=None):
     step, elapsed, tokens_seen = step + 1, elapsed + dt, tokens_seen + tok_per_step
     if step > 2 or args.resume: timed, timed_s = timed + tok_per_step, timed_s + dt  # the first steps compile kernels
     tok_s = timed / timed_s if timed_s else 0.0
-    row = {"step": step, "tokens": tokens_seen, "train_loss": round(loss, 4), "val_nelbo": None, "val_ppl": None,
+    row = {"step": step, "tokens": tokens_seen, "train_loss": round(loss, 4), "val_nelbo": None, "val_nelbo_se": None, "val_ppl": None, "eval_s": None,
            "lr": learning_rate(step - 1, args), "tok_per_s": round(tok_s, 1), "elapsed_s": round(elapsed, 2)}
     eta = (args.steps - step) * tok_per_step / tok_s if tok_s else 0
     line = f"step {step}/{args.steps} | loss {loss:.4f} | lr {row['lr']:.2e} | {tok_s:,.0f} tok/s | ETA {eta // 60:.0f}m{eta % 60:02.0f}s"
     if tty: print("\r" + line, end="", flush=True)
     elif step % 10 == 0 or step == 1: print(line, flush=True)
     if step % args.eval_every == 0 or step == args.steps:
-      row["val_nelbo"] = round(evaluate(), 4)
-      row["val_ppl"] = round(math.exp(row["val_nelbo"]), 2)
-      print(f"\nstep {step}: val NELBO {row['val_nelbo']:.4f} nats/token, perplexity <= {row['val_ppl']:.2f}"
+      t_eval = time.perf_counter()
+      nelbo, se = evaluate()
+      row.update(val_nelbo=round(nelbo, 4), val_nelbo_se=round(se, 4), val_ppl=round(math.exp(nelbo), 2), eval_s=round(time.perf_counter() - t_eval, 2))
+      print(f"\nstep {step}: val " + (f"NLL {nelbo:.4f} nats/token, perplexity {row['val_ppl']:.2f}" if args.causal else
+            f"NELBO {nelbo:.4f} ± {se:.4f} nats/token, perplexity <= {row['val_ppl']:.2f}") + f" ({row['eval_s']:.0f} s)"
             f"\n  sample: {unconditional_sample(ema or model, cfg, keep)!r}", flush=True)
     log.write(json.dumps(row) + "\n"); log.flush()
     if row["val_nelbo"] is not None: checkpoint(); learning_curve(log_path, os.path.join(args.out, "curve.svg"))

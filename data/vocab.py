@@ -20,6 +20,10 @@ def n_tokens(keep):
   """Ids the data can hold: K kept ids + <unk>, or all of GPT-2."""
   return EOT + 1 if keep is None else len(keep) + 1
 
+def eot(keep):
+  """The id of <|endoftext|> in this vocabulary (<unk> if it was not kept)."""
+  return int(to_compact([EOT], keep)[0])
+
 def to_compact(gpt2_ids, keep):
   """GPT-2 ids -> compact int32 ids through a lookup table; ids outside keep become <unk>. Map a batch at a time:
   a whole TinyStories stream as int32 would take 2 GB."""

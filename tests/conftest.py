@@ -15,3 +15,11 @@ def tiny_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("tiny_run")
   train.main(TINY + ["--out", str(out)])
   return out
+
+@pytest.fixture(scope="session")
+def tiny_ar_run(tmp_path_factory):
+  """The autoregressive twin of tiny_run (train.py --causal), 12 steps."""
+  import train
+  out = tmp_path_factory.mktemp("tiny_ar_run")
+  train.main(TINY + ["--steps", "12", "--eval-every", "6", "--causal", "--out", str(out)])
+  return out

@@ -51,6 +51,20 @@ def test_attention_is_bidirectional():
   a, b = model(x, t).numpy(), model(Tensor(changed), t).numpy()
   assert np.abs(a[:, 0, :CFG.vocab_size] - b[:, 0, :CFG.vocab_size]).max() > 1e-4  # the first position sees it
 
+def test_the_causal_twin_never_sees_the_future():
+  """Changing token j changes the twin's logits at j and after, never before it (and t is ignored)."""
+  Tensor.manual_seed(2)
+  model = Denoiser(Config(**{**CFG.__dict__, "causal": True}))
+  randomize_modulation(model)
+  x, t = inputs()
+  for j in (1, CFG.seq_len // 2, CFG.seq_len - 1):
+    changed = x.numpy().copy()
+    changed[:, j] = (changed[:, j] + 1) % CFG.vocab_size
+    a, b = model(x, t).numpy()[..., :CFG.vocab_size], model(Tensor(changed), t).numpy()[..., :CFG.vocab_size]
+    np.testing.assert_array_equal(a[:, :j], b[:, :j])
+    assert np.abs(a[:, j:] - b[:, j:]).max() > 1e-4
+  np.testing.assert_array_equal(model(x, t).numpy(), model(x, t * 0.5).numpy())
+
 def test_time_conditioning_changes_output_only_when_on():
   for time_cond in (True, False):
     Tensor.manual_seed(3)

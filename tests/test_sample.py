@@ -71,3 +71,45 @@ def test_missing_or_broken_checkpoints_are_one_line_errors(tmp_path):
   (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
   with pytest.raises(SystemExit) as e: sample.main(["--ckpt", str(tmp_path / "junk.safetensors")])
   assert str(e.value.code).startswith("error:") and "not a readable tinymdlm checkpoint" in str(e.value.code)
+
+# ***** --quality *****
+
+def test_text_statistics_on_known_cases():
+  assert sample.entropy([7, 7, 7, 7]) == 0 and sample.entropy([1, 2, 1, 2]) == pytest.approx(np.log(2))
+  assert sample.distinct([1, 2, 1, 2, 1, 2]) == pytest.approx(2 / 3) and sample.distinct(list(range(10))) == 1
+  grams = sample.ngrams(np.arange(12), 8)           # hashed (n > 4): still one value per distinct n-gram
+  assert len(grams) == 5 and len(np.unique(grams)) == 5 and (sample.ngrams([3, 4, 5, 6], 4) == 3 + (4 << 16) + (5 << 32) + (6 << 48)).all()
+
+def test_copying_finds_a_planted_copy():
+  rng = np.random.default_rng(0)
+  train = rng.integers(0, 8000, 100_000)
+  text = np.concatenate([train[5000:5030], rng.integers(0, 8000, 70)])  # 30 copied tokens, then 70 new ones
+  share = sample.copied(text, np.unique(sample.ngrams(train, 8)))
+  assert share == (30 - 8 + 1) / (100 - 8 + 1)     # exactly the 8-grams inside the copied span
+  assert sample.copied(rng.integers(0, 8000, 100), np.unique(sample.ngrams(train, 8))) == 0
+
+def test_judge_perplexity_of_its_own_greedy_text():
+  """Greedy text is the judge's argmax at every step, so its NLL is −log max p, computed here prefix by prefix."""
+  from tinygrad import Tensor
+  from model import Config, Denoiser
+  import diffusion
+  Tensor.manual_seed(3)
+  judge = Denoiser(Config(vocab_size=40, seq_len=12, dim=32, n_layers=2, n_heads=2, causal=True))
+  for p in [b.ada for b in judge.blocks] + [judge.ada_final]: p.bias.assign(Tensor.randn(*p.bias.shape)).realize()  # sharpen it
+  init = np.array([[5] + [40] * 11], np.int32)
+  text = [x for x, _, _ in diffusion.sample_ar(judge, Tensor(init), 40, temperature=0)][-1].numpy()[:, 1:]
+  want = np.mean([-Tensor(judge(Tensor(np.r_[5, text[0]][None, :i].astype(np.int32)), Tensor([0.0])).numpy()[0, -1]).log_softmax().max().item()
+                  for i in range(1, 12)])
+  q = sample.quality(text, judge, 5, np.zeros(0, np.uint64))
+  assert q["judge_nll"][0] == pytest.approx(want, rel=1e-4) and q["gen_ppl"][0] == pytest.approx(np.exp(want), rel=1e-3)
+  assert q["copied8"][0] == 0
+
+def test_quality_mode_prints_every_row(capsys, tiny_run, tiny_ar_run):
+  sample.main(["--ckpt", str(tiny_run / "ckpt.safetensors"), "--steps", "8", "--num-samples", "3", "--quality", "--judge", str(tiny_ar_run / "ckpt.safetensors")])
+  rows = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+  assert [r["rows"] for r in rows] == ["samples", "validation text", "judge's own samples"]
+  for r in rows: assert 0 < r["entropy"][0] < np.log(32) and 0 < r["distinct4"][0] <= 1 and 0 <= r["copied8"][0] <= 1 and r["gen_ppl"][0] > 1
+  assert rows[0]["nfe"] == 8 and rows[2]["nfe"] == 31  # the judge writes a context's worth after its start token
+  assert rows[1]["copied8"][0] < 0.5  # held-out stories are not in the training split
+  with pytest.raises(SystemExit) as e: sample.main(["--ckpt", str(tiny_run / "ckpt.safetensors"), "--steps", "2", "--quality", "--judge", str(tiny_run / "ckpt.safetensors")])
+  assert "not an autoregressive twin" in str(e.value.code)

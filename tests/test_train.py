@@ -12,10 +12,10 @@ def losses(out) -> list[float]:
 def test_log_has_every_field_and_the_loss_falls(tiny_run):
   rows = [json.loads(line) for line in open(tiny_run / "log.jsonl")]
   assert [r["step"] for r in rows] == list(range(1, 21))
-  for r in rows: assert set(r) == {"step", "tokens", "train_loss", "val_nelbo", "val_ppl", "lr", "tok_per_s", "elapsed_s"}
+  for r in rows: assert set(r) == {"step", "tokens", "train_loss", "val_nelbo", "val_nelbo_se", "val_ppl", "eval_s", "lr", "tok_per_s", "elapsed_s"}
   evals = [r for r in rows if r["val_nelbo"] is not None]
   assert [r["step"] for r in evals] == [10, 20]
-  assert all(math.isclose(r["val_ppl"], math.exp(r["val_nelbo"]), rel_tol=1e-3) for r in evals)
+  assert all(math.isclose(r["val_ppl"], math.exp(r["val_nelbo"]), rel_tol=1e-3) and 0 < r["val_nelbo_se"] < 0.2 for r in evals)
   assert rows[-1]["tokens"] == 20 * 8 * 32 and rows[-1]["tok_per_s"] > 0
   first, last = np.mean([r["train_loss"] for r in rows[:5]]), np.mean([r["train_loss"] for r in rows[-5:]])
   assert last < first, (first, last)                                  # the training loss is noisy: t is random
@@ -33,7 +33,7 @@ def test_evaluation_is_deterministic(tiny_run):
   keep = tensors["vocab.keep"].numpy()
   evaluate = train.make_evaluate(m, ds["val"], keep, args, m.cfg.mask_id)
   a, b = evaluate(), evaluate()
-  assert a == b and 0 < a < 10
+  assert a == b and 0 < a[0] < 10 and 0 < a[1] < 0.2
 
 def test_resume_reproduces_an_uninterrupted_run(tiny_run, tmp_path, monkeypatch):
   """Ctrl-C after 7 steps, --resume to 20: the same loss at every step as 20 steps without a break."""
@@ -87,7 +87,21 @@ def test_out_of_range_flags_are_argparse_errors(flags, capsys):
   with pytest.raises(SystemExit) as e: train.parse_args(flags)
   assert e.value.code == 2 and "error" in capsys.readouterr().err
 
-@pytest.mark.parametrize("flags,message", [(["--vocab-size", "-2"], "--vocab-size must be >= 0"), (["--dim", "30", "--n-heads", "4"], "multiple of")])
+@pytest.mark.parametrize("flags,message", [(["--vocab-size", "-2"], "--vocab-size must be >= 0"), (["--dim", "30", "--n-heads", "4"], "multiple of"),
+                                           (["--eval-draws", "3"], "must be even")])
 def test_inconsistent_sizes_are_one_line_errors(tmp_path, flags, message):
   with pytest.raises(SystemExit) as e: train.main(TINY + flags + ["--out", str(tmp_path)])
   assert str(e.value.code).startswith("error:") and message in str(e.value.code)
+
+def test_the_autoregressive_twin_trains_evaluates_and_samples(tiny_ar_run, capsys):
+  """--causal: the same driver, the exact NLL logged where the NELBO is (no error bar: nothing is drawn), a checkpoint
+  that sample.py reads and writes left to right."""
+  import sample
+  evals = [r for r in map(json.loads, open(tiny_ar_run / "log.jsonl")) if r["val_nelbo"] is not None]
+  assert [r["val_nelbo_se"] for r in evals] == [0.0, 0.0] and evals[1]["val_nelbo"] < evals[0]["val_nelbo"] < math.log(513)
+  _, meta = model.load_checkpoint(str(tiny_ar_run / "ckpt.safetensors"))
+  assert meta["config"]["causal"] and not meta["config"]["time_cond"]
+  capsys.readouterr()
+  sample.main(["--ckpt", str(tiny_ar_run / "ckpt.safetensors"), "--prompt", "Once upon a time", "--length", "16"])
+  out, err = capsys.readouterr()
+  assert out.startswith("Once upon a time") and "░" not in out and "NFE 12" in err  # 4 prompt tokens, one evaluation per new token
