@@ -39,6 +39,11 @@ def antithetic_times(batch_size:int, u:Tensor|None=None, eps:float=1e-3, spread:
   spread = spread or batch_size
   return eps + (1 - eps) * ((u + Tensor.arange(batch_size) / spread) % 1)  # t_i = ε + (1−ε)·((u + i/B) mod 1)
 
+def mask_counts(batch_size:int, length:int, u:Tensor, spread:int=0) -> Tensor:
+  """Numbers of masked tokens for `nelbo_by_count`, spread evenly over 1..L across the batch with one random offset
+  (as `antithetic_times` spreads t): k_i = 1 + ⌊L·((u + i/B) mod 1)⌋."""
+  return 1 + (((u + Tensor.arange(batch_size) / (spread or batch_size)) % 1) * length).floor().cast(dtypes.int32)
+
 def forward_process(x0:Tensor, t:Tensor, mask_id:int, schedule:str="loglinear", u:Tensor|None=None) -> tuple[Tensor, Tensor]:
   """q(x_t | x_0): each token independently becomes MASK with probability 1 − α(t). Returns (x_t, masked)."""
   u = Tensor.rand(*x0.shape) if u is None else u
@@ -56,7 +61,7 @@ def nelbo(denoiser:Denoiser, x0:Tensor, t:Tensor, mask_id:int, schedule:str="log
   return (masked.where(-log_p, 0) * weight(t, schedule).unsqueeze(1)).sum() / x0.numel()
 
 def nelbo_by_count(denoiser:Denoiser, x0:Tensor, k:Tensor, u:Tensor, mask_id:int, schedule:str="loglinear") -> Tensor:
-  """The same NELBO, estimated for evaluation with far less variance: (B,) unbiased estimates, one per row.
+  """The same NELBO, estimated with far less variance: (B,) unbiased estimates, one per row. Training and evaluation use it.
 
   Given the number k of masked tokens, the integral over t can be done by hand (w(t)dt = dm/m for the mask rate m):
     NELBO = E_{k ~ U{1..L}} E_{m ~ Beta(k, L−k+1)} E_{S: |S| = k} [ mean_{i∈S} −log p_θ(x_0^i | x_t) ]
@@ -86,14 +91,15 @@ def ar_nll(denoiser:Denoiser, x:Tensor) -> Tensor:
   return -log_p.mean(-1)
 
 def train_step(replicas:list[tuple[Denoiser, list[Tensor]]], opt, mask_id:int, schedule:str="loglinear", grad_clip:float=1.0,
-               ema_params:list[Tensor]|None=None, causal:bool=False):
+               ema_params:list[Tensor]|None=None, objective:str="count"):
   """One optimizer step as two TinyJits: the gradient of the NELBO over the micro-batches, then global-norm clipping,
   the optimizer and the weight average. `replicas` are (denoiser, its parameters), one per device, the first holding the
   optimizer's parameters: each takes an equal slice of the batch, in its own thread. tinygrad runs a CPU kernel in the
   calling thread, so on a CPU a second device (CPU:1) is a second core. All randomness comes in with the data
   (x0: (A, B, T) micro-batches, u_t: (A, 1) time offsets, u_mask: (A, B, T) mask draws, numpy arrays), so a run can be
   repeated exactly from its data generator, on any number of devices. ema_params, if given, are a weight average updated
-  with the decay passed to each step. causal: train the autoregressive twin (`ar_nll`) on x0 instead (then u_t, u_mask are unused)."""
+  with the decay passed to each step. objective: "count" (the NELBO by `nelbo_by_count`, u_t offsetting the mask counts),
+  "plain" (`nelbo` with antithetic times, as the PyTorch peer), or "ar" (the autoregressive twin's `ar_nll`; u_t, u_mask unused)."""
   n, params = len(replicas), replicas[0][1]
 
   def gradient(denoiser:Denoiser, ps:list[Tensor]) -> TinyJit:
@@ -103,8 +109,10 @@ def train_step(replicas:list[tuple[Denoiser, list[Tensor]]], opt, mask_id:int, s
       for p in ps: p.grad = None
       A, loss = x0.shape[0], Tensor.zeros((), device=x0.device)
       for i in range(A):
-        if causal: micro = ar_nll(denoiser, x0[i]).mean()
-        else: micro = nelbo(denoiser, x0[i], antithetic_times(x0.shape[1], u_t[i], spread=n * x0.shape[1]), mask_id, schedule, u_mask[i])
+        b, L = x0.shape[1:]
+        if objective == "ar": micro = ar_nll(denoiser, x0[i]).mean()
+        elif objective == "plain": micro = nelbo(denoiser, x0[i], antithetic_times(b, u_t[i], spread=n * b), mask_id, schedule, u_mask[i])
+        else: micro = nelbo_by_count(denoiser, x0[i], mask_counts(b, L, u_t[i], spread=n * b), u_mask[i], mask_id, schedule).mean()
         (micro / A).backward()
         loss = loss + micro.detach() / A
       flat = Tensor.cat(*[p.grad.contiguous().flatten() for p in ps])  # contiguous: else every gradient fuses into one kernel

@@ -6,6 +6,7 @@
 
 tinygrad picks the backend (DEV=CPU, DEV=CUDA, DEV=METAL, ...); BEAM= and DEBUG= work as usual."""
 import argparse, json, math, os, signal, sys, time
+from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from tinygrad import Device, Tensor, TinyJit, dtypes, nn
 import diffusion
@@ -15,9 +16,9 @@ from model import (PRESETS, Config, Denoiser, add_size_flags, check_size, config
                    parameters, positive, replicas, save_checkpoint)
 
 TRAINING = {  # the training half of each preset (model.PRESETS holds the network and batch); every value is also a flag
-  "tiny":  dict(steps=40, lr=3e-3, warmup=5, eval_every=20, eval_windows=16, eval_draws=2, ema=0.0),
-  "small": dict(steps=3000, lr=1e-3, warmup=100, eval_every=250, eval_windows=64, eval_draws=4, ema=0.999),
-  "base":  dict(steps=20000, lr=6e-4, warmup=500, eval_every=1000, eval_windows=256, eval_draws=4, ema=0.9999),
+  "tiny":  dict(steps=40, lr=3e-3, warmup=5, eval_every=20, eval_windows=16, eval_draws=2, final_draws=4, ema=0.0),
+  "small": dict(steps=3000, lr=1e-3, warmup=100, eval_every=500, eval_windows=128, eval_draws=8, final_draws=32, ema=0.999),
+  "base":  dict(steps=20000, lr=6e-4, warmup=500, eval_every=1000, eval_windows=256, eval_draws=8, final_draws=32, ema=0.9999),
 }
 ARCH = ("dim", "n_layers", "n_heads", "seq_len", "vocab_size", "time_cond", "causal")  # what a resumed run may not change
 
@@ -35,11 +36,15 @@ def parse_args(argv=None):
   p.add_argument("--seed", type=int)
   add_size_flags(p)
   for name, kind in [("steps", positive(int)), ("lr", positive(float)), ("warmup", positive(int)), ("eval_every", positive(int)),
-                     ("eval_windows", positive(int)), ("eval_draws", positive(int))]:
+                     ("eval_windows", positive(int))]:
     p.add_argument("--" + name.replace("_", "-"), type=kind)
+  p.add_argument("--eval-draws", type=positive(int), help="mask counts per validation window at each evaluation (even)")
+  p.add_argument("--final-draws", type=positive(int), help="the same for the last evaluation, the run's figure (even)")
   p.add_argument("--ema", type=fraction, help="decay of the weight average used for evaluation and sampling; 0: off")
   p.add_argument("--grad-accum", type=positive(int), help="micro-batches per optimizer step (default 1)")
   p.add_argument("--schedule", choices=diffusion.SCHEDULES, help="noise schedule for training (default loglinear)")
+  p.add_argument("--estimator", choices=["count", "plain"], help="how each step estimates the NELBO: count (default: "
+                 "diffusion.nelbo_by_count, lower variance) or plain (diffusion.nelbo with antithetic times, as the PyTorch peer)")
   p.add_argument("--causal", action="store_true", default=None,
                  help="train the autoregressive twin instead: the same network, causal attention, next-token NLL")
   p.add_argument("--weight-decay", type=float)
@@ -48,14 +53,16 @@ def parse_args(argv=None):
   args.explicit = {k for k, v in vars(args).items() if v is not None and k not in ("out", "resume")}
   return args
 
-DEFAULTS = dict(data="tinystories", seed=1337, grad_accum=1, schedule="loglinear", weight_decay=0.0, grad_clip=1.0, time_cond=True, causal=False)
+DEFAULTS = dict(data="tinystories", seed=1337, grad_accum=1, schedule="loglinear", weight_decay=0.0, grad_clip=1.0, time_cond=True, causal=False, estimator="count")
 
 def resolve(args, saved:dict|None=None):
   """Fill unset flags: from the run being resumed, else the preset (by backend when not given), else DEFAULTS."""
   args.preset = args.preset or (saved or {}).get("preset") or ("small" if Device.DEFAULT == "CPU" else "base")
   for k, v in {**DEFAULTS, **PRESETS[args.preset], **TRAINING[args.preset], **(saved or {})}.items():
     if getattr(args, k, None) is None: setattr(args, k, v)
-  if args.eval_draws % 2 and not args.causal: raise ValueError(f"--eval-draws must be even (strata are paired for the standard error), got {args.eval_draws}")
+  for name in ("eval_draws", "final_draws"):
+    if getattr(args, name) % 2 and not args.causal:
+      raise ValueError(f"--{name.replace('_', '-')} must be even (strata are paired for the standard error), got {getattr(args, name)}")
   if args.causal: args.time_cond = False  # the twin has no noise level to read
   return check_size(args)
 
@@ -69,21 +76,30 @@ def batch(tokens, keep, args, rng):
   x0 = vocab.to_compact(train_batch(tokens, A * B, T, rng), keep).reshape(A, B, T)
   return x0, rng.random((A, 1), dtype=np.float32), rng.random((A, B, T), dtype=np.float32)
 
-def make_evaluate(model, val, keep, args, mask_id):
+def make_evaluate(model, val, keep, args, mask_id, draws:int):
   """Validation NELBO and its standard error over fixed windows with fixed draws: the same weights always give the same
-  numbers. MDLM: each window is scored at `eval_draws` mask counts, one from each of as many equal slices of 1..L, and
-  the error is that of these draws. The autoregressive twin: the exact NLL of the same text, with no error to report."""
-  L, K, B, rng = args.seq_len, 1 if args.causal else args.eval_draws, args.batch_size, np.random.default_rng(0)
+  numbers. MDLM: each window is scored at `draws` mask counts, one from each of as many equal slices of 1..L, and the
+  error is that of these draws. The autoregressive twin: the exact NLL of the same text, with no error to report.
+  The batches are shared out over the train step's devices, on copies of `model` refreshed at every call."""
+  L, K, B, rng = args.seq_len, 1 if args.causal else draws, args.batch_size, np.random.default_rng(0)
   windows = vocab.to_compact(val_windows(val, L + args.causal, args.eval_windows), keep)
   N = len(windows)
   k = 1 + np.floor(L * (np.arange(K) + rng.random((N, 1))) / K).astype(np.int32)  # (N, K) mask counts, stratified
   u = rng.random((N * K, L), dtype=np.float32)
-  pad = np.arange(-(-N * K // B) * B) % (N * K)  # whole batches: the last one wraps around to the first rows
-  batches = [(Tensor(windows[i // K]), Tensor(k.reshape(-1)[i]), Tensor(u[i])) for i in pad.reshape(-1, B)]
-  if args.causal: step = TinyJit(lambda x0, k, u: diffusion.ar_nll(model, x0).realize())
-  else: step = TinyJit(lambda x0, k, u: diffusion.nelbo_by_count(model, x0, k, u, mask_id, args.schedule).realize())
+  rows = np.arange(-(-N * K // B) * B).reshape(-1, B) % (N * K)  # whole batches: the last one wraps around to the first rows
+  copies = replicas(model, devices(B))
+  def scorer(m) -> TinyJit:
+    if args.causal: return TinyJit(lambda x0, k, u: diffusion.ar_nll(m, x0).realize())
+    return TinyJit(lambda x0, k, u: diffusion.nelbo_by_count(m, x0, k, u, mask_id, args.schedule).realize())
+  scorers, n, pool = [scorer(m) for m, _ in copies], len(copies), ThreadPoolExecutor(len(copies))
+  def run(d:int) -> list[np.ndarray]:
+    device = copies[d][1][0].device
+    return [scorers[d](*(Tensor(a, device=device) for a in (windows[i // K], k.reshape(-1)[i], u[i]))).numpy() for i in rows[d::n]]
   def evaluate() -> tuple[float, float]:
-    e = np.concatenate([step(*b).numpy() for b in batches])[:N * K]
+    for _, ps in copies[1:]:
+      for c, p in zip(ps, copies[0][1]): c.assign(p.to(c.device)).realize()
+    parts = list(pool.map(run, range(n))) if scorers[0].cnt >= 2 else [run(d) for d in range(n)]  # the first call captures
+    e = np.concatenate([parts[i % n][i // n] for i in range(len(rows))])[:N * K]
     return (float(e.mean()), 0.0) if args.causal else diffusion.stratified_mean(e.reshape(N, K).tolist())
   return evaluate
 
@@ -168,8 +184,9 @@ def main(argv=None):
         f"{n_params(model) / 1e6:.2f}M parameters | vocab {cfg.vocab_size} | {tok_per_step:,} tokens/step | {args.dtype}"
         + (" | autoregressive twin (--causal)" if args.causal else ""))
   train_step = diffusion.train_step(replicas(model, devices(args.batch_size)), opt, cfg.mask_id, args.schedule, args.grad_clip,
-                                    ema and list(parameters(ema).values()), args.causal)
-  evaluate = make_evaluate(ema or model, ds["val"], keep, args, cfg.mask_id)
+                                    ema and list(parameters(ema).values()), "ar" if args.causal else args.estimator)
+  evaluate = make_evaluate(ema or model, ds["val"], keep, args, cfg.mask_id, args.eval_draws)
+  final = make_evaluate(ema or model, ds["val"], keep, args, cfg.mask_id, args.final_draws)
 
   def checkpoint():
     save_checkpoint(ckpt_path, state(model, ema, opt, keep), {
@@ -204,7 +221,7 @@ def main(argv=None):
     elif step % 10 == 0 or step == 1: print(line, flush=True)
     if step % args.eval_every == 0 or step == args.steps:
       t_eval = time.perf_counter()
-      nelbo, se = evaluate()
+      nelbo, se = (final if step == args.steps else evaluate)()
       row.update(val_nelbo=round(nelbo, 4), val_nelbo_se=round(se, 4), val_ppl=round(math.exp(nelbo), 2), eval_s=round(time.perf_counter() - t_eval, 2))
       print(f"\nstep {step}: val " + (f"NLL {nelbo:.4f} nats/token, perplexity {row['val_ppl']:.2f}" if args.causal else
             f"NELBO {nelbo:.4f} ± {se:.4f} nats/token, perplexity <= {row['val_ppl']:.2f}") + f" ({row['eval_s']:.0f} s)"

@@ -2,7 +2,7 @@
 import math
 import numpy as np, pytest
 from tinygrad import Tensor, dtypes
-from diffusion import SCHEDULES, alpha, antithetic_times, ar_nll, sample_ar, forward_process, nelbo, nelbo_by_count, sample, stratified_mean, time_of, weight
+from diffusion import SCHEDULES, alpha, antithetic_times, ar_nll, mask_counts, sample_ar, forward_process, nelbo, nelbo_by_count, sample, stratified_mean, time_of, weight
 
 V, PAD = 5, 64                       # real tokens, padded vocabulary (MASK = V)
 P = np.array([0.4, 0.3, 0.15, 0.1, 0.05])
@@ -238,3 +238,9 @@ def test_ar_sampler_follows_the_chain_left_to_right_and_keeps_the_prompt():
   pairs = np.zeros((V, V)); np.add.at(pairs, (drawn[:, :-1], drawn[:, 1:]), 1)
   expected = pairs.sum(1, keepdims=True) * BIGRAM                          # chi-square over the chain's transitions
   assert ((pairs - expected) ** 2 / np.maximum(expected, 1e-9)).sum() < 52.6  # 20 d.o.f., p = 0.0001
+
+def test_mask_counts_cover_one_to_length_evenly():
+  k = mask_counts(8, 16, Tensor([0.3])).numpy()
+  assert k.tolist() == [5, 7, 9, 11, 13, 15, 1, 3]  # 1 + ⌊16·((0.3 + i/8) mod 1)⌋: one count in each eighth of 1..16
+  halves = [mask_counts(4, 16, Tensor([0.3 + j / 2]), spread=8).numpy() for j in (0, 1)]  # a batch split over two devices
+  assert sorted(np.concatenate(halves).tolist()) == sorted(k.tolist())

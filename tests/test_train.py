@@ -31,7 +31,7 @@ def test_evaluation_is_deterministic(tiny_run):
   from data import prepare
   ds = prepare.load("sample")
   keep = tensors["vocab.keep"].numpy()
-  evaluate = train.make_evaluate(m, ds["val"], keep, args, m.cfg.mask_id)
+  evaluate = train.make_evaluate(m, ds["val"], keep, args, m.cfg.mask_id, 2)
   a, b = evaluate(), evaluate()
   assert a == b and 0 < a[0] < 10 and 0 < a[1] < 0.2
 
