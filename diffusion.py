@@ -61,7 +61,8 @@ def nelbo(denoiser:Denoiser, x0:Tensor, t:Tensor, mask_id:int, schedule:str="log
   return (masked.where(-log_p, 0) * weight(t, schedule).unsqueeze(1)).sum() / x0.numel()
 
 def nelbo_by_count(denoiser:Denoiser, x0:Tensor, k:Tensor, u:Tensor, mask_id:int, schedule:str="loglinear") -> Tensor:
-  """The same NELBO, estimated with far less variance: (B,) unbiased estimates, one per row. Training and evaluation use it.
+  """The same NELBO, estimated with far less variance: (B,) unbiased estimates, one per row. Validation uses it (and
+  training, with --estimator count).
 
   Given the number k of masked tokens, the integral over t can be done by hand (w(t)dt = dm/m for the mask rate m):
     NELBO = E_{k ~ U{1..L}} E_{m ~ Beta(k, L−k+1)} E_{S: |S| = k} [ mean_{i∈S} −log p_θ(x_0^i | x_t) ]
@@ -91,15 +92,15 @@ def ar_nll(denoiser:Denoiser, x:Tensor) -> Tensor:
   return -log_p.mean(-1)
 
 def train_step(replicas:list[tuple[Denoiser, list[Tensor]]], opt, mask_id:int, schedule:str="loglinear", grad_clip:float=1.0,
-               ema_params:list[Tensor]|None=None, objective:str="count"):
+               ema_params:list[Tensor]|None=None, objective:str="plain"):
   """One optimizer step as two TinyJits: the gradient of the NELBO over the micro-batches, then global-norm clipping,
   the optimizer and the weight average. `replicas` are (denoiser, its parameters), one per device, the first holding the
   optimizer's parameters: each takes an equal slice of the batch, in its own thread. tinygrad runs a CPU kernel in the
   calling thread, so on a CPU a second device (CPU:1) is a second core. All randomness comes in with the data
   (x0: (A, B, T) micro-batches, u_t: (A, 1) time offsets, u_mask: (A, B, T) mask draws, numpy arrays), so a run can be
   repeated exactly from its data generator, on any number of devices. ema_params, if given, are a weight average updated
-  with the decay passed to each step. objective: "count" (the NELBO by `nelbo_by_count`, u_t offsetting the mask counts),
-  "plain" (`nelbo` with antithetic times, as the PyTorch peer), or "ar" (the autoregressive twin's `ar_nll`; u_t, u_mask unused)."""
+  with the decay passed to each step. objective: "plain" (`nelbo` with antithetic times, as the PyTorch peer), "count"
+  (the NELBO by `nelbo_by_count`, u_t offsetting the mask counts), or "ar" (the twin's `ar_nll`; u_t, u_mask unused)."""
   n, params = len(replicas), replicas[0][1]
 
   def gradient(denoiser:Denoiser, ps:list[Tensor]) -> TinyJit:
@@ -111,8 +112,8 @@ def train_step(replicas:list[tuple[Denoiser, list[Tensor]]], opt, mask_id:int, s
       for i in range(A):
         b, L = x0.shape[1:]
         if objective == "ar": micro = ar_nll(denoiser, x0[i]).mean()
-        elif objective == "plain": micro = nelbo(denoiser, x0[i], antithetic_times(b, u_t[i], spread=n * b), mask_id, schedule, u_mask[i])
-        else: micro = nelbo_by_count(denoiser, x0[i], mask_counts(b, L, u_t[i], spread=n * b), u_mask[i], mask_id, schedule).mean()
+        elif objective == "count": micro = nelbo_by_count(denoiser, x0[i], mask_counts(b, L, u_t[i], spread=n * b), u_mask[i], mask_id, schedule).mean()
+        else: micro = nelbo(denoiser, x0[i], antithetic_times(b, u_t[i], spread=n * b), mask_id, schedule, u_mask[i])
         (micro / A).backward()
         loss = loss + micro.detach() / A
       flat = Tensor.cat(*[p.grad.contiguous().flatten() for p in ps])  # contiguous: else every gradient fuses into one kernel

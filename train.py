@@ -43,8 +43,8 @@ def parse_args(argv=None):
   p.add_argument("--ema", type=fraction, help="decay of the weight average used for evaluation and sampling; 0: off")
   p.add_argument("--grad-accum", type=positive(int), help="micro-batches per optimizer step (default 1)")
   p.add_argument("--schedule", choices=diffusion.SCHEDULES, help="noise schedule for training (default loglinear)")
-  p.add_argument("--estimator", choices=["count", "plain"], help="how each step estimates the NELBO: count (default: "
-                 "diffusion.nelbo_by_count, lower variance) or plain (diffusion.nelbo with antithetic times, as the PyTorch peer)")
+  p.add_argument("--estimator", choices=["plain", "count"], help="how each step estimates the NELBO: plain (default: "
+                 "diffusion.nelbo with antithetic times, as the PyTorch peer) or count (diffusion.nelbo_by_count, lower variance)")
   p.add_argument("--causal", action="store_true", default=None,
                  help="train the autoregressive twin instead: the same network, causal attention, next-token NLL")
   p.add_argument("--weight-decay", type=float)
@@ -53,7 +53,7 @@ def parse_args(argv=None):
   args.explicit = {k for k, v in vars(args).items() if v is not None and k not in ("out", "resume")}
   return args
 
-DEFAULTS = dict(data="tinystories", seed=1337, grad_accum=1, schedule="loglinear", weight_decay=0.0, grad_clip=1.0, time_cond=True, causal=False, estimator="count")
+DEFAULTS = dict(data="tinystories", seed=1337, grad_accum=1, schedule="loglinear", weight_decay=0.0, grad_clip=1.0, time_cond=True, causal=False, estimator="plain")
 
 def resolve(args, saved:dict|None=None):
   """Fill unset flags: from the run being resumed, else the preset (by backend when not given), else DEFAULTS."""
