@@ -29,8 +29,8 @@ def progress(what, done, total, t0):
 
 def atomic_write(path, data):
   """Whole-file writes via a temp file and os.replace: a crash leaves the old file or the new one, never half of one."""
-  with open(path + ".tmp", "wb") as f: f.write(data)
-  os.replace(path + ".tmp", path)
+  with open(tmp := f"{path}.{os.getpid()}.tmp", "wb") as f: f.write(data)
+  os.replace(tmp, path)
 
 def fetch(url, part, have, timeout):
   """Appends url's bytes from offset `have` to `part` and returns the full size the server reports (None if it doesn't)."""
@@ -131,7 +131,8 @@ def build(out, splits, keep_last, meta):
   so a crash part-way leaves nothing that looks valid."""
   os.makedirs(out, exist_ok=True)
   if os.path.exists(os.path.join(out, "meta.json")): os.remove(os.path.join(out, "meta.json"))
-  tmp = {split: os.path.join(out, f"{split}.bin.tmp") for split in ("train", "val")}
+  tmp = {split: os.path.join(out, f"{split}.bin.{os.getpid()}.tmp") for split in ("train", "val")}  # per process: two runs
+  # preparing the same data side by side write the same bytes, and each rename is atomic
   with ThreadPoolExecutor(2) as pool:
     for split, paths in splits.items():
       with open(tmp[split], "wb") as f: counts = tokenize(paths, f, keep_last, pool, f"tokenizing {split}")
