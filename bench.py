@@ -4,14 +4,18 @@ optionally the PyTorch peer (../shared/bench/torch_mdlm.py) at the same config i
   python bench.py --preset small
   python bench.py --preset small --torch /tmp/torchvenv/bin/python     # side by side with the PyTorch peer
   CACHELEVEL=0 python bench.py --preset small                          # time to first step with a cold kernel cache
+  DEV=NULL NULL_ALLOW_COPYOUT=1 python bench.py --preset base --cost     # what one step costs a GPU, measured on any machine
+  DEV=NULL:NVCC:sm_90 NULL_ALLOW_COPYOUT=1 python bench.py --preset base --cost  # ... and compile every kernel for Hopper
 
 The last line printed is one JSON object (scripts read it)."""
-import argparse, json, lzma, os, resource, subprocess, sys, tempfile, time
+import argparse, json, lzma, os, re, resource, subprocess, sys, tempfile, time
 import numpy as np
 from tinygrad import Device, GlobalCounters, Tensor, dtypes, nn
+from tinygrad.uop.ops import Ops, sym_infer
 import diffusion
 from data import vocab
-from model import PRESETS, Config, Denoiser, add_size_flags, check_size, devices, n_params, parameters, positive, replicas
+from model import (PRESETS, Config, Denoiser, add_size_flags, check_size, device_name, devices, is_cpu, n_params, parameters, positive,
+                   replicas, supported_dtype)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -40,6 +44,36 @@ def bench_train(model, cfg, args) -> dict:
   tok = args.batch_size * args.seq_len
   return {"first_step_s": round(times[0], 2), "train_ms_per_step": round(ms, 1), "train_tok_per_s": round(tok / ms * 1000, 1),
           "train_gflops": round(flops_per_token(cfg) * tok / ms / 1e6, 2), "peak_mem_mb": round(peak / 2**20, 1)}
+
+def bench_cost(model, cfg, args) -> dict:
+  """One train step scheduled on tinygrad's NULL device, which runs nothing but counts each kernel's operations and the
+  bytes it moves through device memory: the GPU's two floors (ops / peak rate, bytes / bandwidth) without a GPU."""
+  from tinygrad.engine import realize
+  kernels, track = [], realize.track_stats
+  def tracked(ctx, call, *a):
+    if ctx.update_stats and call.src[0].op is Ops.PROGRAM:
+      e = realize.estimate_uop(call)
+      kernels.append((call.src[0].arg.name, sym_infer(e.ops, ctx.var_vals), sym_infer(e.mem, ctx.var_vals)))
+    return track(ctx, call, *a)
+  opt = nn.optim.AdamW(list(parameters(model).values()), lr=1e-4, b1=0.9, b2=0.95, weight_decay=0.0)
+  step = diffusion.train_step(replicas(model, args.devices), opt, cfg.mask_id)
+  rng, B, T = np.random.default_rng(0), args.batch_size, args.seq_len
+  GlobalCounters.reset()
+  realize.track_stats = tracked
+  try:
+    t0 = time.perf_counter()
+    step(rng.integers(0, cfg.vocab_size, (1, B, T), dtype=np.int32), rng.random((1, 1), dtype=np.float32), rng.random((1, B, T), dtype=np.float32)).item()
+    first = time.perf_counter() - t0
+  finally: realize.track_stats = track
+  tokens = B * T
+  def strip(name): return re.sub(r"\x1b\[[0-9;]*m", "", name)
+  for key, label in ((1, "operations"), (2, "bytes")):
+    print(f"top kernels by {label}:")
+    for name, ops, mem in sorted(kernels, key=lambda k: -k[key])[:args.top]:
+      print(f"  {strip(name):40s} {ops / 1e9:10.3f} GOP {mem / 1e9:9.4f} GB")
+  return {"kernels": len(kernels), "gops": round(GlobalCounters.global_ops / 1e9, 3), "model_gflop": round(flops_per_token(cfg) * tokens / 1e9, 3),
+          "ops_ratio": round(GlobalCounters.global_ops / (flops_per_token(cfg) * tokens), 3), "gb_moved": round(GlobalCounters.global_mem / 1e9, 3),
+          "mb_per_token": round(GlobalCounters.global_mem / tokens / 1e6, 3), "first_step_s": round(first, 1)}
 
 def bench_sample(model, cfg, args) -> dict:
   x = Tensor.full((args.sample_batch, cfg.seq_len), cfg.mask_id, dtype=dtypes.int32).contiguous()
@@ -74,26 +108,34 @@ def main(argv=None):
   p.add_argument("--sample-steps", type=positive(int), default=128)
   p.add_argument("--sample-batch", type=positive(int), default=1)
   p.add_argument("--skip-sample", action="store_true")
+  p.add_argument("--cost", action="store_true", help="count one step's operations and bytes (run with DEV=NULL NULL_ALLOW_COPYOUT=1: no kernel runs)")
+  p.add_argument("--top", type=positive(int), default=8, help="with --cost: how many of the costliest kernels to list")
   p.add_argument("--one-device", action="store_true", help="train on one device even where the CPU has cores for two")
   p.add_argument("--torch", help="a Python with torch installed: also run the PyTorch peer and report the ratio")
   p.add_argument("--peer", default=os.path.join(HERE, "..", "shared", "bench", "torch_mdlm.py"))
   args = p.parse_args(argv)
-  args.preset = args.preset or ("small" if Device.DEFAULT == "CPU" else "base")
+  args.preset = args.preset or ("small" if is_cpu() else "base")
   for k, v in {**PRESETS[args.preset], "time_cond": True}.items():
     if getattr(args, k) is None: setattr(args, k, v)
+  args.dtype = supported_dtype(args.dtype)
   try: check_size(args)
   except ValueError as e: sys.exit(f"error: {e}")
-  args.devices = [Device.DEFAULT] if args.one_device else devices(args.batch_size)
+  args.devices = devices(args.batch_size, 1 if args.one_device else args.devices)
   if args.torch and not os.path.exists(args.peer): sys.exit(f"error: no PyTorch peer at {args.peer}: pass --peer PATH")
 
   cfg = Config(vocab_size=args.vocab_size + 1 if args.vocab_size else vocab.n_tokens(None), seq_len=args.seq_len,  # + <unk>
                dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, time_cond=args.time_cond)
   Tensor.manual_seed(0)
   model = Denoiser(cfg, dtype=args.dtype)
-  print(f"device {', '.join(args.devices)} | preset {args.preset} | {n_params(model) / 1e6:.2f}M parameters | vocab {cfg.vocab_size} | "
+  print(f"device {', '.join(map(device_name, args.devices))} | preset {args.preset} | {n_params(model) / 1e6:.2f}M parameters | vocab {cfg.vocab_size} | "
         f"batch {args.batch_size} x {args.seq_len} | {args.dtype} | {flops_per_token(cfg) / 1e6:.1f} MFLOP/token", flush=True)
   result = {"preset": args.preset, "device": Device.DEFAULT, "train_devices": len(args.devices), "dtype": args.dtype, "params": n_params(model), "batch_size": args.batch_size,
             "seq_len": args.seq_len, "dim": args.dim, "n_layers": args.n_layers, "vocab_size": cfg.vocab_size, "time_cond": cfg.time_cond}
+  if args.cost:
+    result |= bench_cost(model, cfg, args)
+    print(f"cost: {result['kernels']} kernels, {result['gops']:,.0f} G operations = {result['ops_ratio']:.2f} x the model's FLOPs, "
+          f"{result['gb_moved']:.1f} GB moved = {result['mb_per_token']:.2f} MB/token, first step {result['first_step_s']:.0f} s", flush=True)
+    return print(json.dumps(result))
   result |= bench_train(model, cfg, args)
   print(f"train: {result['train_ms_per_step']:.0f} ms/step, {result['train_tok_per_s']:,.0f} tokens/s, "
         f"{result['train_gflops']:.1f} GFLOP/s, peak device memory {result['peak_mem_mb']:.0f} MB", flush=True)

@@ -1,12 +1,13 @@
 """The denoiser: a bidirectional transformer with adaLN-Zero time conditioning (a DiT) that reads a
 partly masked sequence x_t and returns logits for the clean tokens x_0 at every position.
 Also the Config and checkpoint save/load, so that everything about the network lives in one file."""
-import argparse, json, math, os
+import argparse, ctypes, json, math, os
 from dataclasses import asdict, dataclass
-from tinygrad import Context, Device, Tensor, nn
+from tinygrad import Context, Device, Tensor, dtypes, nn
 from tinygrad.dtype import to_dtype
+from tinygrad.helpers import TRAINING
 from tinygrad.function import function
-from tinygrad.nn.state import get_state_dict, safe_load, safe_load_metadata, safe_save
+from tinygrad.nn.state import get_state_dict, safe_load, safe_load_metadata
 from tinygrad.uop.ops import UOp
 
 @dataclass
@@ -44,11 +45,14 @@ def add_size_flags(p:argparse.ArgumentParser):
   p.add_argument("--vocab-size", type=int, help="keep the K most frequent training tokens (+ <unk>); 0: all of GPT-2")
   p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype; weights and optimizer stay float32")
   p.add_argument("--no-time-cond", dest="time_cond", action="store_false", default=None, help="the denoiser ignores t (enables the cached sampler)")
+  p.add_argument("--devices", type=positive(int), help="train data-parallel on N devices of the backend (default: all; 2 on a CPU)")
 
 def check_size(args):
   if args.vocab_size < 0: raise ValueError(f"--vocab-size must be >= 0, got {args.vocab_size}")
   if args.dim % args.n_heads or (args.dim // args.n_heads) % 2:
     raise ValueError(f"--dim {args.dim} must be a multiple of --n-heads {args.n_heads}, with an even head size")
+  if getattr(args, "devices", None) and args.batch_size % args.devices:
+    raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --devices {args.devices}")
   return args
 
 def rmsnorm(x:Tensor, eps=1e-6) -> Tensor: return x * (x.float().square().mean(-1, keepdim=True) + eps).rsqrt().cast(x.dtype)
@@ -74,19 +78,36 @@ def rope(x:Tensor, cos:Tensor, sin:Tensor) -> Tensor:
   x1, x2 = x.chunk(2, dim=-1)
   return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
 
-def embed(table:Tensor, ids:Tensor) -> Tensor:
-  """table[ids]. On CPU and AMD through nn.Embedding's atomic path, whose backward is a scatter-add into the table;
-  plain indexing builds a one-hot reduction over the whole vocabulary for every token (~0.8 s a step on CPU)."""
-  if table.device.split(":")[0] not in ("CPU", "AMD"): return table[ids]  # the devices with tinygrad's atomic add
-  emb = nn.Embedding.__new__(nn.Embedding)
-  emb.weight = table
-  with Context(USE_ATOMICS=1): return emb(ids)
+def embed(table:Tensor, ids:Tensor, dtype=None, atomic:bool|None=None) -> Tensor:
+  """table[ids] in `dtype`, with a backward that scales. Plain indexing's backward is a one-hot reduction over the whole
+  vocabulary for every token, on ordinary cores (324 G operations a `base` step: more than the output head's matmul).
+  On CPU and AMD, tinygrad's atomic scatter-add (nn.Embedding with USE_ATOMICS) adds each token's gradient into its row;
+  elsewhere (CUDA, NV, METAL, CL, NULL), when training, the backward is a matmul with the one-hot matrix, written once
+  in the forward pass so that the matmul reads it as a buffer and runs on tensor cores."""
+  dtype = dtype or table.dtype
+  if atomic if atomic is not None else table.device.split(":")[0] in ("CPU", "AMD"):  # the devices with tinygrad's atomic add
+    emb = nn.Embedding.__new__(nn.Embedding)
+    emb.weight = table
+    with Context(USE_ATOMICS=1): return emb(ids).cast(dtype)
+  if not TRAINING: return table.cast(dtype)[ids]
+  onehot = Tensor.arange(table.shape[0]).to(table.device).unsqueeze(1) == ids.flatten().unsqueeze(0)  # (vocab, tokens)
+  return _onehot_embed(table.cast(dtype), ids, onehot.cast(dtype).contiguous())
+
+def _onehot_embed_grad(g:UOp, call:UOp) -> tuple[UOp, None, None]:
+  # ∂L/∂table = onehot(ids)ᵀ · g, summed in float32
+  table, onehot = call.src[1], Tensor(call.src[3])
+  # contiguous: else it fuses with the tied head's weight gradient into one two-reduction kernel that has no tensor cores
+  return onehot.matmul(Tensor(g).reshape(-1, table.shape[1]), dtype=dtypes.float32).cast(table.dtype).contiguous().uop, None, None
+
+@function(grad_fxn=_onehot_embed_grad)
+def _onehot_embed(table:Tensor, ids:Tensor, onehot:Tensor) -> Tensor: return table[ids]
 
 def _by_rows(w:Tensor, f, dim:int) -> Tensor:
   """f(w), computed as f(first 2^k rows of w) joined with f(the other rows) along dim: the same numbers, but tinygrad's CPU
-  heuristic tiles an axis of 8256 = 3·2752 by 3 rather than 4, which makes the vocabulary matmuls ~2x slower."""
+  heuristic tiles an axis of 8256 = 3·2752 by 3 rather than 4, which makes the vocabulary matmuls ~2x slower. CPU only: on a
+  GPU the join is one more copy of the B·T·V logits."""
   n = 1 << (w.shape[0].bit_length() - 1)
-  return f(w) if n == w.shape[0] else f(w[:n]).contiguous().cat(f(w[n:]).contiguous(), dim=dim)
+  return f(w) if n == w.shape[0] or not str(w.device).startswith("CPU") else f(w[:n]).contiguous().cat(f(w[n:]).contiguous(), dim=dim)
 
 def _tied_head_grad(g:UOp, call:UOp) -> tuple[UOp, UOp]:
   # d/dh = g·W and d/dW = gᵀ·h, with gᵀ written out once: read in place, gᵀ's stride over tokens makes that matmul ~4x slower
@@ -122,8 +143,8 @@ class Block:
     q, k, v = [y.reshape(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)
                for y in self.qkv(modulate(x, shift1, scale1)).chunk(3, dim=-1)]
     q, k = rope(q, cos, sin).contiguous(), rope(k, cos, sin).contiguous()
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
-    attn = (scores if mask is None else scores + mask).softmax(-1).contiguous() @ v  # MDLM: bidirectional, mask None
+    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])  # softmax in float32, matmuls (and their grads) in x's dtype
+    attn = (scores if mask is None else scores + mask).softmax(-1).cast(x.dtype).contiguous() @ v  # MDLM: bidirectional, mask None
     x = x + gate1 * self.proj(attn.transpose(1, 2).reshape(B, T, D))            # x + gate·f(rmsnorm(x)·(1+scale) + shift)
     return x + gate2 * self.down(self.up(modulate(x, shift2, scale2)).gelu().contiguous())  # tinygrad's gelu is the tanh form
 
@@ -151,18 +172,54 @@ class Denoiser:
     T = x.shape[1]
     if not self.cfg.time_cond or self.cfg.causal: t = t.zeros_like()
     c = self.t_out(self.t_in(time_features(t)).silu()).cast(self.dtype)
-    h = embed(self.tok_emb, x).cast(self.dtype)
+    h = embed(self.tok_emb, x, self.dtype)
     cos, sin = self._rope[0][:T], self._rope[1][:T]
     mask = self._causal[:T, :T] if self.cfg.causal else None
     for block in self.blocks: h = block(h, c, cos, sin, mask)
     shift, scale = self.ada_final(c.silu()).unsqueeze(1).chunk(2, dim=-1)
     return tied_head(modulate(h, shift, scale), self.tok_emb.cast(self.dtype)).float() + self._subs  # head tied to the embedding
 
-def devices(batch_size:int) -> list[str]:
-  """Where the train step runs. tinygrad runs each CPU kernel in the calling thread, so on a CPU with two or more cores
-  a second CPU device, driven from a second thread, nearly doubles the speed (two is what has been measured)."""
-  two = Device.DEFAULT == "CPU" and (os.cpu_count() or 1) >= 2 and batch_size % 2 == 0
-  return ["CPU", "CPU:1"] if two else [Device.DEFAULT]
+def is_cpu(device:str|None=None) -> bool:
+  """The CPU backend, or an OpenCL driver that runs on the CPU (PoCL, Intel's CPU runtime): GPU-style kernels on the
+  same cores, so a CPU's preset (`small`, float32), not a GPU's."""
+  device = device or Device.DEFAULT
+  if device.split(":")[0] == "CL":
+    from tinygrad.runtime.autogen import opencl as cl
+    kind = ctypes.c_uint64()
+    cl.clGetDeviceInfo(Device[device].cl_dev, cl.CL_DEVICE_TYPE, 8, ctypes.byref(kind), None)
+    return bool(kind.value & cl.CL_DEVICE_TYPE_CPU)
+  return device.split(":")[0] == "CPU"
+
+def device_name(device:str|None=None) -> str:
+  device = device or Device.DEFAULT
+  d = Device[device]
+  name = (getattr(d, "device_name", None) or d.renderer.target.arch.split(",")[0]) + (", a CPU" if device.startswith("CL") and is_cpu(device) else "")
+  return f"{device} ({name})" if name else device
+
+def supported_dtype(dtype:str, device:str|None=None) -> str:
+  """`dtype` where the backend computes in it, else the next one down: bfloat16 → float16 → float32 (CUDA's bfloat16
+  needs sm_80+, Metal's Apple6+, the CPU's a clang with __bf16: asked of tinygrad, then tried on one number)."""
+  device, order = device or Device.DEFAULT, ["bfloat16", "float16", "float32"]
+  def computes(d:str) -> bool:
+    if to_dtype(d) not in Device[device].renderer.supported_dtypes(): return False
+    if device.startswith("NULL"): return True  # NULL compiles and runs nothing
+    err, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)  # a compiler that fails prints the kernel
+    try: return Tensor([1.5], device=device).cast(d).contiguous().float().item() == 1.5
+    except Exception: return False
+    finally: os.dup2(err, 2); os.close(err); os.close(null)
+  return next((d for d in order[order.index(dtype):-1] if computes(d)), "float32")
+
+def devices(batch_size:int, n:int|None=None) -> list[str]:
+  """Where the train step runs: n devices of the default backend, each with an equal slice of the batch. Left out: two
+  on a CPU with two or more cores (tinygrad runs each CPU kernel in the calling thread, so a second CPU device, driven
+  from a second thread, nearly doubles the speed; two is what has been measured), else all of the backend's devices."""
+  backend = Device.DEFAULT.split(":")[0]
+  if n is None:
+    n = min(2, os.cpu_count() or 1) if backend == "CPU" else Device[Device.DEFAULT].count()
+    while batch_size % n: n -= 1
+  if batch_size % n: raise ValueError(f"--batch-size {batch_size} must be a multiple of --devices {n}")
+  return [Device.DEFAULT] + [f"{backend}:{i}" for i in range(1, n)]
 
 def replicas(model:Denoiser, devices:list[str]) -> list[tuple[Denoiser, list[Tensor]]]:
   """(copy, its parameters) for `model` and one more copy on each further device, for diffusion.train_step, which keeps
@@ -180,12 +237,24 @@ def n_params(model:Denoiser) -> int: return sum(v.numel() for v in parameters(mo
 
 # ***** checkpoints: safetensors with the config and driver state as JSON metadata *****
 
+SAFETENSORS_DTYPES = {dtypes.float32: "F32", dtypes.float16: "F16", dtypes.int32: "I32", dtypes.int64: "I64", dtypes.uint8: "U8"}
+
 def save_checkpoint(path:str, tensors:dict[str, Tensor], meta:dict):
-  """Written to a temp file, then renamed: a crash mid-write leaves the previous checkpoint intact."""
+  """The safetensors layout (header length, JSON header, raw bytes) written from host copies, to a temp file that is then
+  renamed: a crash mid-write leaves the previous checkpoint intact. Not tinygrad's safe_save: it builds the header with
+  a CPU kernel, which needs clang, which GPU machines often lack."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  safe_save({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={k: json.dumps(v) for k, v in meta.items()})
-  with open(tmp, "rb") as f: os.fsync(f.fileno())
+  header, blobs, offset = {"__metadata__": {k: json.dumps(v) for k, v in meta.items()}}, [], 0
+  for name, v in tensors.items():
+    blobs.append(v.contiguous().realize().numpy().tobytes())
+    header[name] = {"dtype": SAFETENSORS_DTYPES[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + len(blobs[-1])]}
+    offset += len(blobs[-1])
+  head = json.dumps(header).encode()
+  head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+  with open(tmp := path + ".tmp", "wb") as f:
+    f.write(len(head).to_bytes(8, "little") + head)
+    for b in blobs: f.write(b)
+    f.flush(); os.fsync(f.fileno())
   os.replace(tmp, path)
 
 def load_checkpoint(path:str) -> tuple[dict[str, Tensor], dict]:

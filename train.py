@@ -12,8 +12,8 @@ from tinygrad import Device, Tensor, TinyJit, dtypes, nn
 import diffusion
 from data import DataError, prepare, vocab
 from data.batches import train_batch, val_windows
-from model import (PRESETS, Config, Denoiser, add_size_flags, check_size, config_dict, devices, load_checkpoint, n_params,
-                   parameters, positive, replicas, save_checkpoint)
+from model import (PRESETS, Config, Denoiser, add_size_flags, check_size, config_dict, device_name, devices, is_cpu, load_checkpoint,
+                   n_params, parameters, positive, replicas, save_checkpoint, supported_dtype)
 
 TRAINING = {  # the training half of each preset (model.PRESETS holds the network and batch); every value is also a flag
   "tiny":  dict(steps=40, lr=3e-3, warmup=5, eval_every=20, eval_windows=16, eval_draws=2, final_draws=4, ema=0.0),
@@ -57,13 +57,14 @@ DEFAULTS = dict(data="tinystories", seed=1337, grad_accum=1, schedule="loglinear
 
 def resolve(args, saved:dict|None=None):
   """Fill unset flags: from the run being resumed, else the preset (by backend when not given), else DEFAULTS."""
-  args.preset = args.preset or (saved or {}).get("preset") or ("small" if Device.DEFAULT == "CPU" else "base")
+  args.preset = args.preset or (saved or {}).get("preset") or ("small" if is_cpu() else "base")
   for k, v in {**DEFAULTS, **PRESETS[args.preset], **TRAINING[args.preset], **(saved or {})}.items():
     if getattr(args, k, None) is None: setattr(args, k, v)
   for name in ("eval_draws", "final_draws"):
     if getattr(args, name) % 2 and not args.causal:
       raise ValueError(f"--{name.replace('_', '-')} must be even (strata are paired for the standard error), got {getattr(args, name)}")
   if args.causal: args.time_cond = False  # the twin has no noise level to read
+  args.wanted_dtype, args.dtype = args.dtype, supported_dtype(args.dtype)
   return check_size(args)
 
 def learning_rate(step:int, args) -> float:
@@ -87,7 +88,7 @@ def make_evaluate(model, val, keep, args, mask_id, draws:int):
   k = 1 + np.floor(L * (np.arange(K) + rng.random((N, 1))) / K).astype(np.int32)  # (N, K) mask counts, stratified
   u = rng.random((N * K, L), dtype=np.float32)
   rows = np.arange(-(-N * K // B) * B).reshape(-1, B) % (N * K)  # whole batches: the last one wraps around to the first rows
-  copies = replicas(model, devices(B))
+  copies = replicas(model, devices(B, args.devices))
   def scorer(m) -> TinyJit:
     if args.causal: return TinyJit(lambda x0, k, u: diffusion.ar_nll(m, x0).realize())
     return TinyJit(lambda x0, k, u: diffusion.nelbo_by_count(m, x0, k, u, mask_id, args.schedule).realize())
@@ -180,10 +181,11 @@ def main(argv=None):
   os.makedirs(args.out, exist_ok=True)
 
   tok_per_step = args.batch_size * args.seq_len * args.grad_accum
-  print(f"device {', '.join(devices(args.batch_size))} | preset {args.preset} | data {ds['name']} ({len(ds['train']):,} train tokens) | "
+  print(f"device {', '.join(map(device_name, devices(args.batch_size, args.devices)))} | preset {args.preset} | data {ds['name']} ({len(ds['train']):,} train tokens) | "
         f"{n_params(model) / 1e6:.2f}M parameters | vocab {cfg.vocab_size} | {tok_per_step:,} tokens/step | {args.dtype}"
+        + (f" (the device has no {args.wanted_dtype})" if args.dtype != args.wanted_dtype else "")
         + (" | autoregressive twin (--causal)" if args.causal else ""))
-  train_step = diffusion.train_step(replicas(model, devices(args.batch_size)), opt, cfg.mask_id, args.schedule, args.grad_clip,
+  train_step = diffusion.train_step(replicas(model, devices(args.batch_size, args.devices)), opt, cfg.mask_id, args.schedule, args.grad_clip,
                                     ema and list(parameters(ema).values()), "ar" if args.causal else args.estimator)
   evaluate = make_evaluate(ema or model, ds["val"], keep, args, cfg.mask_id, args.eval_draws)
   final = make_evaluate(ema or model, ds["val"], keep, args, cfg.mask_id, args.final_draws)
