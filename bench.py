@@ -15,7 +15,7 @@ from tinygrad.uop.ops import Ops, sym_infer
 import diffusion
 from data import vocab
 from model import (PRESETS, Config, Denoiser, add_size_flags, check_size, device_name, devices, is_cpu, n_params, parameters, positive,
-                   replicas, supported_dtype)
+                   prefer_cpu_backend, replicas, supported_dtype)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -114,6 +114,7 @@ def main(argv=None):
   p.add_argument("--torch", help="a Python with torch installed: also run the PyTorch peer and report the ratio")
   p.add_argument("--peer", default=os.path.join(HERE, "..", "shared", "bench", "torch_mdlm.py"))
   args = p.parse_args(argv)
+  prefer_cpu_backend()
   args.preset = args.preset or ("small" if is_cpu() else "base")
   for k, v in {**PRESETS[args.preset], "time_cond": True}.items():
     if getattr(args, k) is None: setattr(args, k, v)

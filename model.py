@@ -1,11 +1,11 @@
 """The denoiser: a bidirectional transformer with adaLN-Zero time conditioning (a DiT) that reads a
 partly masked sequence x_t and returns logits for the clean tokens x_0 at every position.
 Also the Config and checkpoint save/load, so that everything about the network lives in one file."""
-import argparse, ctypes, json, math, os
+import argparse, ctypes, json, math, os, shutil
 from dataclasses import asdict, dataclass
 from tinygrad import Context, Device, Tensor, dtypes, nn
 from tinygrad.dtype import to_dtype
-from tinygrad.helpers import TRAINING
+from tinygrad.helpers import DEV, TRAINING
 from tinygrad.function import function
 from tinygrad.nn.state import get_state_dict, safe_load, safe_load_metadata
 from tinygrad.uop.ops import UOp
@@ -190,9 +190,15 @@ def is_cpu(device:str|None=None) -> bool:
     return bool(kind.value & cl.CL_DEVICE_TYPE_CPU)
   return device.split(":")[0] == "CPU"
 
+def prefer_cpu_backend():
+  """With DEV unset, tinygrad picks an OpenCL driver over its CPU backend even when the driver runs on the CPU (PoCL,
+  Intel's CPU runtime): take the CPU backend then, so that installing such a driver changes nothing (two devices, the
+  atomic embedding backward). DEV=CL still selects it."""
+  if not DEV.device and Device.DEFAULT.startswith("CL") and is_cpu() and shutil.which(os.environ.get("CC", "clang")):
+    DEV.value = os.environ["DEV"] = "CPU"  # the environment too, for child processes, as tinygrad does
+
 def device_name(device:str|None=None) -> str:
-  device = device or Device.DEFAULT
-  d = Device[device]
+  d = Device[device := device or Device.DEFAULT]
   name = (getattr(d, "device_name", None) or d.renderer.target.arch.split(",")[0]) + (", a CPU" if device.startswith("CL") and is_cpu(device) else "")
   return f"{device} ({name})" if name else device
 

@@ -5,6 +5,7 @@
   python sample.py --prompt "Tom had a [MASK*3] dog. [MASK*20] The end."   # infilling
   python sample.py --html story.html                    # a self-contained page that replays the denoising
   python sample.py --quality --judge out/ar/ckpt.safetensors --num-samples 32   # gen PPL, entropy, repetition, copying
+  python sample.py --quality --judge out/ar/ckpt.safetensors --num-samples 8 --sweep quality.svg   # the quality table
 
 A checkpoint of the autoregressive twin (train.py --causal) samples left to right with the same options."""
 import argparse, json, math, re, sys, time
@@ -12,7 +13,7 @@ import numpy as np
 from tinygrad import Tensor, dtypes
 import diffusion
 from data import DataError, prepare, vocab
-from model import Denoiser, config_from, load_checkpoint, parameters
+from model import Denoiser, config_from, load_checkpoint, parameters, prefer_cpu_backend
 
 MARKER = re.compile(r"\[MASK(?:\*(\d+))?\]")
 
@@ -130,24 +131,59 @@ def quality(texts:np.ndarray, judge, start:int, train_grams:np.ndarray) -> dict:
     q |= {"judge_nll": nll, "gen_ppl": [round(math.exp(nll[0]), 2), round(math.exp(nll[0]) * nll[1], 2)]}  # delta method
   return q
 
-def report(args, model, keep, run_args, samples:np.ndarray, nfe:int, seconds:float):
-  """--quality: the samples' figures, then the same for held-out text and for the judge's own samples (reference rows)."""
+def report(args, model, keep, run_args, runs:list[tuple[np.ndarray, dict]]) -> list[dict]:
+  """--quality: the figures of each run's samples, then the same for held-out text and for the judge's own samples."""
   judge, judge_keep, _ = load(args.judge) if args.judge else (None, keep, None)
   if judge is not None and not judge.cfg.causal: raise ValueError(f"--judge {args.judge} is not an autoregressive twin: train one with `python train.py --causal`")
   if judge_keep != keep: raise ValueError(f"--judge {args.judge} has another vocabulary than {args.ckpt}: train both on the same --data and --vocab-size")
   ds = prepare.load(run_args["data"], explicit=True, log=lambda *a: print(*a, file=sys.stderr))
   grams = np.unique(ngrams(vocab.to_compact(ds["train"][:50_000_000], keep), 8))  # the first 50M tokens of very large data
-  L, start = samples.shape[1], vocab.eot(keep)
-  rows = {"samples": (samples, {"sampler": "autoregressive" if model.cfg.causal else args.sampler, "steps": args.steps, "nfe": nfe, "seconds": round(seconds, 2)}),
-          "validation text": (vocab.to_compact(np.asarray(ds["val"][:args.num_samples * L]), keep).reshape(-1, L), {})}
+  L, start, n = runs[0][0].shape[1], vocab.eot(keep), len(runs[0][0])
+  rows = [("samples", *run) for run in runs] + [("validation text", vocab.to_compact(np.asarray(ds["val"][:n * L]), keep).reshape(-1, L), {})]
   if judge is not None and args.judge != args.ckpt:
+    Tensor.manual_seed(args.seed)
     own, _, judge_nfe = [*reverse_process(judge, np.r_[start, np.full(judge.cfg.seq_len - 1, judge.cfg.mask_id)].astype(np.int32), args)][-1]
-    rows["judge's own samples"] = (own.numpy()[:, 1:], {"nfe": judge_nfe})
-  for name, (texts, extra) in rows.items():
+    rows.append(("judge's own samples", own.numpy()[:, 1:], {"temperature": args.temperature, "top_p": args.top_p, "nfe": judge_nfe}))
+  out = []
+  for name, texts, extra in rows:
     q = quality(texts, judge, start, grams)
     cols = [f"{k} {v[0]:.3f} ± {v[1]:.3f}" for k, v in q.items() if k != "judge_nll"]
-    print(f"{name:>20} (n={len(texts)}): " + " | ".join(cols), file=sys.stderr)
-    print(json.dumps({"rows": name, "temperature": args.temperature, "top_p": args.top_p, **extra, **q}))
+    print(f"{name:>20} (n={len(texts)}){''.join(f' {k} {v}' for k, v in extra.items() if k in ('sampler', 'steps'))}: " + " | ".join(cols), file=sys.stderr)
+    out.append({"rows": name, **extra, **q})
+    print(json.dumps(out[-1]), flush=True)
+  return out
+
+SWEEP = ([(s, 1.0, 1.0, n) for n in (8, 16, 32, 64, 128, 256) for s in ("ancestral", "confidence")] + [("ancestral", 1.0, 1.0, 1024)] +
+         [(s, T, p, n) for T, p in ((0.8, 1.0), (1.0, 0.9), (0.8, 0.9)) for n in (32, 128) for s in ("ancestral", "confidence")])
+
+def sweep(args, model, init, skip) -> list[tuple[np.ndarray, dict]]:
+  """--quality --sweep: the same prompt through each (sampler, temperature, top-p, steps) of SWEEP, the quality table."""
+  runs = []
+  for args.sampler, args.temperature, args.top_p, args.steps in SWEEP:
+    Tensor.manual_seed(args.seed); t0 = time.perf_counter()
+    for xs, _, nfe in reverse_process(model, init, args): pass
+    runs.append((xs.numpy()[:, skip:], {"sampler": args.sampler, "temperature": args.temperature, "top_p": args.top_p, "steps": args.steps,
+                                        "nfe": nfe, "seconds": round(time.perf_counter() - t0, 2)}))
+  args.temperature, args.top_p = 1.0, 1.0  # the judge's own samples: its plain distribution
+  return runs
+
+def plot(rows:list[dict], svg_path:str):
+  """Generative perplexity against network evaluations, one line per sampler setting (log-log), as an SVG."""
+  series = {}
+  for r in rows:
+    if r["rows"] == "samples": series.setdefault(f"{r['sampler']} T={r['temperature']} p={r['top_p']}", []).append((r["nfe"], r["gen_ppl"][0]))
+  pts = [p for s in series.values() for p in s]
+  (W, H, m), (x0, x1), (y0, y1) = (640, 360, 48), (math.log(min(x for x, _ in pts)), math.log(max(x for x, _ in pts))), (math.log(min(y for _, y in pts)), math.log(max(y for _, y in pts)))
+  X, Y = lambda x: m + (W - 2 * m - 160) * (math.log(x) - x0) / ((x1 - x0) or 1), lambda y: H - m - (H - 2 * m) * (math.log(y) - y0) / ((y1 - y0) or 1)
+  svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12"><rect width="{W}" height="{H}" fill="white"/>',
+         f'<path d="M{m},{m}V{H - m}H{W - m - 160}" fill="none" stroke="#444"/><text x="{m}" y="{m - 8}">generative perplexity (log)</text>',
+         f'<text x="{W - m - 160}" y="{H - m + 16}" text-anchor="end">network evaluations (log), {min(x for x, _ in pts)} to {max(x for x, _ in pts)}</text>',
+         f'<text x="4" y="{Y(math.exp(y1)) + 4:.0f}">{math.exp(y1):.0f}</text><text x="4" y="{Y(math.exp(y0)) + 4:.0f}">{math.exp(y0):.0f}</text>']
+  for i, (name, p) in enumerate(series.items()):
+    color = ["#c33", "#36c", "#393", "#c93", "#939", "#399", "#666", "#960"][i % 8]
+    svg += [f'<polyline points="{" ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in sorted(p))}" fill="none" stroke="{color}" stroke-width="2"/>',
+            f'<text x="{W - m - 150}" y="{m + 16 * i}" fill="{color}">{name}</text>']
+  with open(svg_path, "w") as f: f.write("\n".join(svg + ["</svg>"]))
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__[__doc__.index("\n"):])
@@ -168,11 +204,15 @@ def main(argv=None):
   p.add_argument("--quality", action="store_true", help="score the samples: generative perplexity under --judge, entropy, "
                  "distinct 4-grams, 8-grams copied from the training split; with held-out text as a reference row (JSON lines)")
   p.add_argument("--judge", help="an autoregressive twin's checkpoint (train.py --causal) to compute generative perplexity")
+  p.add_argument("--sweep", metavar="SVG", help="with --quality: also each sampler, temperature, top-p and step count of the "
+                 "quality table (sample.SWEEP), and plot generative perplexity against network evaluations into SVG")
   args = p.parse_args(argv)
+  prefer_cpu_backend()
   for name in ("num_samples", "steps", "fps"):
     if getattr(args, name) <= 0: p.error(f"--{name.replace('_', '-')} must be > 0")
   if args.length is not None and args.length <= 0: p.error("--length must be > 0")
   if args.temperature < 0 or not 0 < args.top_p <= 1: p.error("--temperature must be >= 0 and --top-p in (0, 1]")
+  if args.sweep and not args.quality: p.error("--sweep needs --quality (and --judge for generative perplexity)")
 
   try:
     model, keep, run_args = load(args.ckpt)
@@ -204,8 +244,10 @@ def main(argv=None):
     for i in range(len(xs)): print(vocab.decode(xs[i, skip:], keep) + ("\n" + "-" * 40 if i < len(xs) - 1 else ""))
   if args.html: write_html(args.html, list(zip(xs[:, skip:], revealed_at[:, skip:])), frames, keep, cfg.mask_id)
   if args.quality:
-    try: report(args, model, keep, run_args, xs[:, skip:], nfe, wall)
+    extra = {"sampler": "autoregressive" if cfg.causal else args.sampler, "temperature": args.temperature, "top_p": args.top_p, "steps": args.steps, "nfe": nfe, "seconds": round(wall, 2)}
+    try: rows = report(args, model, keep, run_args, sweep(args, model, init, skip) if args.sweep else [(xs[:, skip:], extra)])
     except (DataError, ValueError, FileNotFoundError) as e: sys.exit(f"error: {e}")
+    if args.sweep: plot(rows, args.sweep)
   print(f"{args.num_samples} x {len(init)} tokens | {args.steps} steps | NFE {nfe} | {wall:.1f} s"
         f"{' (with animation delays)' if args.visualize and tty else ''} | {args.num_samples * gen.sum() / wall:,.0f} tokens/s", file=sys.stderr)
 

@@ -13,7 +13,7 @@ import diffusion
 from data import DataError, prepare, vocab
 from data.batches import train_batch, val_windows
 from model import (PRESETS, Config, Denoiser, add_size_flags, check_size, config_dict, device_name, devices, is_cpu, load_checkpoint,
-                   n_params, parameters, positive, replicas, save_checkpoint, supported_dtype)
+                   n_params, parameters, positive, prefer_cpu_backend, replicas, save_checkpoint, supported_dtype)
 
 TRAINING = {  # the training half of each preset (model.PRESETS holds the network and batch); every value is also a flag
   "tiny":  dict(steps=40, lr=3e-3, warmup=5, eval_every=20, eval_windows=16, eval_draws=2, final_draws=4, ema=0.0),
@@ -149,6 +149,7 @@ def check_resumable(meta, args, keep):
 
 def main(argv=None):
   args = parse_args(argv)
+  prefer_cpu_backend()
   ckpt_path, log_path = os.path.join(args.out, "ckpt.safetensors"), os.path.join(args.out, "log.jsonl")
   try:
     tensors, meta = (None, None)

@@ -1,6 +1,6 @@
 """The denoiser: adaLN-Zero identity at init, SUBS, bidirectional attention, time conditioning, that it learns, and that
 the data-parallel step computes the single-device one."""
-import math
+import math, os
 import numpy as np, pytest
 from tinygrad import Context, Device, Tensor, TinyJit, dtypes, nn
 from tinygrad.nn.state import get_state_dict
@@ -195,3 +195,15 @@ def test_data_parallel_step_matches_one_device_and_the_average_follows_its_formu
     runs.append((losses, [p.numpy() for p in params]))
   np.testing.assert_allclose(runs[1][0], runs[0][0], rtol=1e-5)
   for a, b in zip(runs[1][1], runs[0][1]): np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+@pytest.mark.skipif(not _has_opencl(), reason="no OpenCL driver (CI installs PoCL)")
+def test_an_opencl_driver_on_the_cpu_is_a_cpu():
+  """With PoCL installed tinygrad picks CL by itself; the drivers must then behave as on the CPU backend (its preset and
+  devices), and DEV=CL must still mean CL (named as a CPU)."""
+  import subprocess, sys
+  from model import device_name, is_cpu
+  assert is_cpu("CL") and is_cpu("CPU") and not is_cpu("NULL") and "a CPU" in device_name("CL")
+  env = {k: v for k, v in os.environ.items() if k != "DEV"}
+  probe = "import model; from tinygrad import Device; a = Device.DEFAULT; model.prefer_cpu_backend(); print(a, Device.DEFAULT)"
+  out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.stdout.split() == ["CL", "CPU"], out.stderr[-500:]

@@ -113,3 +113,19 @@ def test_quality_mode_prints_every_row(capsys, tiny_run, tiny_ar_run):
   assert rows[1]["copied8"][0] < 0.5  # held-out stories are not in the training split
   with pytest.raises(SystemExit) as e: sample.main(["--ckpt", str(tiny_run / "ckpt.safetensors"), "--steps", "2", "--quality", "--judge", str(tiny_run / "ckpt.safetensors")])
   assert "not an autoregressive twin" in str(e.value.code)
+
+def test_the_quality_plot_draws_one_line_per_sampler_setting_in_nfe_order(tmp_path):
+  """sample.plot (the --sweep figure): log-log, one polyline per (sampler, temperature, top-p), its points by NFE."""
+  import re
+  from sample import plot
+  rows = [{"rows": "samples", "sampler": s, "temperature": 1.0, "top_p": 1.0, "nfe": n, "gen_ppl": [ppl, 1.0]}
+          for s, pts in (("ancestral", [(64, 600.0), (8, 1100.0), (32, 590.0)]), ("confidence", [(8, 130.0), (64, 22.0)])) for n, ppl in pts]
+  rows.append({"rows": "validation text", "gen_ppl": [16.0, 2.0]})  # reference rows are not drawn
+  plot(rows, str(tmp_path / "q.svg"))
+  svg = (tmp_path / "q.svg").read_text()
+  lines = [[tuple(map(float, p.split(","))) for p in pts.split()] for pts in re.findall(r'<polyline points="([^"]+)"', svg)]
+  assert len(lines) == 2 and [len(p) for p in lines] == [3, 2] and "ancestral T=1.0 p=1.0" in svg
+  (a8, a32, a64), (c8, c64) = lines
+  assert a8[0] < a32[0] < a64[0] and a8[0] == c8[0] and a64[0] == c64[0]  # x: NFE, shared scale
+  assert c64[1] == max(y for p in lines for _, y in p) and a8[1] == min(y for p in lines for _, y in p)  # y: lower PPL lower down
+  assert abs((a32[0] - a8[0]) - (a64[0] - a32[0]) * 2) < 1e-6  # log scale: 8 → 32 is twice 32 → 64
