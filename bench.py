@@ -8,9 +8,10 @@ optionally the PyTorch peer (../shared/bench/torch_mdlm.py) at the same config i
   DEV=NULL:NVCC:sm_90 NULL_ALLOW_COPYOUT=1 python bench.py --preset base --cost  # ... and compile every kernel for Hopper
 
 The last line printed is one JSON object (scripts read it)."""
-import argparse, json, lzma, os, re, resource, subprocess, sys, tempfile, time
+import argparse, json, lzma, os, resource, subprocess, sys, tempfile, time
 import numpy as np
 from tinygrad import Device, GlobalCounters, Tensor, dtypes, nn
+from tinygrad.helpers import ansistrip
 from tinygrad.uop.ops import Ops, sym_infer
 import diffusion
 from data import vocab
@@ -25,13 +26,14 @@ def flops_per_token(cfg:Config) -> float:
   d, L = cfg.dim, cfg.n_layers
   return 6 * (12 * d * d * L + d * cfg.padded_vocab) + 12 * cfg.seq_len * d * L
 
-def bench_train(model, cfg, args) -> dict:
+def train_step(model, cfg, args):
+  """A train step on args.devices and a generator of random batches for it (speed does not depend on the data)."""
   opt = nn.optim.AdamW(list(parameters(model).values()), lr=1e-4, b1=0.9, b2=0.95, weight_decay=0.0)
-  step = diffusion.train_step(replicas(model, args.devices), opt, cfg.mask_id)
-  rng = np.random.default_rng(0)
-  def data():
-    B, T = args.batch_size, args.seq_len
-    return rng.integers(0, cfg.vocab_size, (1, B, T), dtype=np.int32), rng.random((1, 1), dtype=np.float32), rng.random((1, B, T), dtype=np.float32)
+  step, rng, B, T = diffusion.train_step(replicas(model, args.devices), opt, cfg.mask_id), np.random.default_rng(0), args.batch_size, args.seq_len
+  return step, lambda: (rng.integers(0, cfg.vocab_size, (1, B, T), dtype=np.int32), rng.random((1, 1), dtype=np.float32), rng.random((1, B, T), dtype=np.float32))
+
+def bench_train(model, cfg, args) -> dict:
+  step, data = train_step(model, cfg, args)
   times, peak = [], 0
   for i in range(args.warmup + args.steps):
     x = data()
@@ -55,22 +57,19 @@ def bench_cost(model, cfg, args) -> dict:
       e = realize.estimate_uop(call)
       kernels.append((call.src[0].arg.name, sym_infer(e.ops, ctx.var_vals), sym_infer(e.mem, ctx.var_vals)))
     return track(ctx, call, *a)
-  opt = nn.optim.AdamW(list(parameters(model).values()), lr=1e-4, b1=0.9, b2=0.95, weight_decay=0.0)
-  step = diffusion.train_step(replicas(model, args.devices), opt, cfg.mask_id)
-  rng, B, T = np.random.default_rng(0), args.batch_size, args.seq_len
+  step, data = train_step(model, cfg, args)
   GlobalCounters.reset()
   realize.track_stats = tracked
   try:
     t0 = time.perf_counter()
-    step(rng.integers(0, cfg.vocab_size, (1, B, T), dtype=np.int32), rng.random((1, 1), dtype=np.float32), rng.random((1, B, T), dtype=np.float32)).item()
+    step(*data()).item()
     first = time.perf_counter() - t0
   finally: realize.track_stats = track
-  tokens = B * T
-  def strip(name): return re.sub(r"\x1b\[[0-9;]*m", "", name)
+  tokens = args.batch_size * args.seq_len
   for key, label in ((1, "operations"), (2, "bytes")):
     print(f"top kernels by {label}:")
     for name, ops, mem in sorted(kernels, key=lambda k: -k[key])[:args.top]:
-      print(f"  {strip(name):40s} {ops / 1e9:10.3f} GOP {mem / 1e9:9.4f} GB")
+      print(f"  {ansistrip(name):40s} {ops / 1e9:10.3f} GOP {mem / 1e9:9.4f} GB")
   return {"kernels": len(kernels), "gops": round(GlobalCounters.global_ops / 1e9, 3), "model_gflop": round(flops_per_token(cfg) * tokens / 1e9, 3),
           "ops_ratio": round(GlobalCounters.global_ops / (flops_per_token(cfg) * tokens), 3), "gb_moved": round(GlobalCounters.global_mem / 1e9, 3),
           "mb_per_token": round(GlobalCounters.global_mem / tokens / 1e6, 3), "first_step_s": round(first, 1)}

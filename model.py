@@ -85,7 +85,8 @@ def embed(table:Tensor, ids:Tensor, dtype=None, atomic:bool|None=None) -> Tensor
   elsewhere (CUDA, NV, METAL, CL, NULL), when training, the backward is a matmul with the one-hot matrix, written once
   in the forward pass so that the matmul reads it as a buffer and runs on tensor cores."""
   dtype = dtype or table.dtype
-  if atomic if atomic is not None else table.device.split(":")[0] in ("CPU", "AMD"):  # the devices with tinygrad's atomic add
+  if atomic is None: atomic = table.device.split(":")[0] in ("CPU", "AMD")  # the devices with tinygrad's atomic add
+  if atomic:
     emb = nn.Embedding.__new__(nn.Embedding)
     emb.weight = table
     with Context(USE_ATOMICS=1): return emb(ids).cast(dtype)
@@ -224,7 +225,6 @@ def devices(batch_size:int, n:int|None=None) -> list[str]:
   if n is None:
     n = min(2, os.cpu_count() or 1) if backend == "CPU" else Device[Device.DEFAULT].count()
     while batch_size % n: n -= 1
-  if batch_size % n: raise ValueError(f"--batch-size {batch_size} must be a multiple of --devices {n}")
   return [Device.DEFAULT] + [f"{backend}:{i}" for i in range(1, n)]
 
 def replicas(model:Denoiser, devices:list[str]) -> list[tuple[Denoiser, list[Tensor]]]:

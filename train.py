@@ -182,11 +182,12 @@ def main(argv=None):
   os.makedirs(args.out, exist_ok=True)
 
   tok_per_step = args.batch_size * args.seq_len * args.grad_accum
-  print(f"device {', '.join(map(device_name, devices(args.batch_size, args.devices)))} | preset {args.preset} | data {ds['name']} ({len(ds['train']):,} train tokens) | "
+  devs = devices(args.batch_size, args.devices)
+  print(f"device {', '.join(map(device_name, devs))} | preset {args.preset} | data {ds['name']} ({len(ds['train']):,} train tokens) | "
         f"{n_params(model) / 1e6:.2f}M parameters | vocab {cfg.vocab_size} | {tok_per_step:,} tokens/step | {args.dtype}"
         + (f" (the device has no {args.wanted_dtype})" if args.dtype != args.wanted_dtype else "")
         + (" | autoregressive twin (--causal)" if args.causal else ""))
-  train_step = diffusion.train_step(replicas(model, devices(args.batch_size, args.devices)), opt, cfg.mask_id, args.schedule, args.grad_clip,
+  train_step = diffusion.train_step(replicas(model, devs), opt, cfg.mask_id, args.schedule, args.grad_clip,
                                     ema and list(parameters(ema).values()), "ar" if args.causal else args.estimator)
   evaluate = make_evaluate(ema or model, ds["val"], keep, args, cfg.mask_id, args.eval_draws)
   final = make_evaluate(ema or model, ds["val"], keep, args, cfg.mask_id, args.final_draws)
@@ -195,7 +196,7 @@ def main(argv=None):
     save_checkpoint(ckpt_path, state(model, ema, opt, keep), {
       "config": config_dict(cfg), "step": step, "tokens": tokens_seen, "elapsed_s": elapsed, "rng": rng.bit_generator.state,
       "vocab_keep": None if keep is None else [int(i) for i in keep],
-      "args": {k: v for k, v in vars(args).items() if k not in ("explicit", "resume", "out")}})
+      "args": {k: v for k, v in vars(args).items() if k not in ("explicit", "resume", "out", "wanted_dtype")}})
 
   stop = []
   def on_sigint(*_):
