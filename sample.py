@@ -156,15 +156,14 @@ def report(args, model, keep, run_args, runs:list[tuple[np.ndarray, dict]]) -> l
 SWEEP = ([(s, 1.0, 1.0, n) for n in (8, 16, 32, 64, 128, 256) for s in ("ancestral", "confidence")] + [("ancestral", 1.0, 1.0, 1024)] +
          [(s, T, p, n) for T, p in ((0.8, 1.0), (1.0, 0.9), (0.8, 0.9)) for n in (32, 128) for s in ("ancestral", "confidence")])
 
-def sweep(args, model, init, skip) -> list[tuple[np.ndarray, dict]]:
+def sweep(args, model, init) -> list[tuple[np.ndarray, dict]]:
   """--quality --sweep: the same prompt through each (sampler, temperature, top-p, steps) of SWEEP, the quality table."""
   runs = []
-  for args.sampler, args.temperature, args.top_p, args.steps in SWEEP:
+  for sampler, temperature, top_p, steps in SWEEP:
+    a = argparse.Namespace(**{**vars(args), "sampler": sampler, "temperature": temperature, "top_p": top_p, "steps": steps})
     Tensor.manual_seed(args.seed); t0 = time.perf_counter()
-    for xs, _, nfe in reverse_process(model, init, args): pass
-    runs.append((xs.numpy()[:, skip:], {"sampler": args.sampler, "temperature": args.temperature, "top_p": args.top_p, "steps": args.steps,
-                                        "nfe": nfe, "seconds": round(time.perf_counter() - t0, 2)}))
-  args.temperature, args.top_p = 1.0, 1.0  # the judge's own samples: its plain distribution
+    for xs, _, nfe in reverse_process(model, init, a): pass
+    runs.append((xs.numpy(), {"sampler": sampler, "temperature": temperature, "top_p": top_p, "steps": steps, "nfe": nfe, "seconds": round(time.perf_counter() - t0, 2)}))
   return runs
 
 def plot(rows:list[dict], svg_path:str):
@@ -221,7 +220,13 @@ def main(argv=None):
     cfg = model.cfg
     if args.length and args.length > cfg.seq_len: raise ValueError(f"--length {args.length} is more than the model context ({cfg.seq_len})")
     init = template(args.prompt, keep, args.length, cfg.seq_len, cfg.mask_id)
+    if args.sweep and cfg.causal: raise ValueError(f"--sweep compares diffusion samplers: {args.ckpt} is an autoregressive twin (pass it as --judge)")
   except (DataError, ValueError, FileNotFoundError) as e: sys.exit(f"error: {e}")
+  if args.sweep:  # the quality table instead of one run
+    runs = sweep(args, model, init)
+    args.temperature, args.top_p = 1.0, 1.0  # the judge's own samples, the reference row: its plain distribution
+    try: return plot(report(args, model, keep, run_args, runs), args.sweep)
+    except (DataError, ValueError, FileNotFoundError) as e: sys.exit(f"error: {e}")
 
   Tensor.manual_seed(args.seed)
   skip = int(cfg.causal and init[0] == cfg.mask_id)
@@ -247,9 +252,8 @@ def main(argv=None):
   if args.html: write_html(args.html, list(zip(xs[:, skip:], revealed_at[:, skip:])), frames, keep, cfg.mask_id)
   if args.quality:
     extra = {"sampler": "autoregressive" if cfg.causal else args.sampler, "temperature": args.temperature, "top_p": args.top_p, "steps": args.steps, "nfe": nfe, "seconds": round(wall, 2)}
-    try: rows = report(args, model, keep, run_args, sweep(args, model, init, skip) if args.sweep else [(xs[:, skip:], extra)])
+    try: report(args, model, keep, run_args, [(xs[:, skip:], extra)])
     except (DataError, ValueError, FileNotFoundError) as e: sys.exit(f"error: {e}")
-    if args.sweep: plot(rows, args.sweep)
   print(f"{args.num_samples} x {len(init)} tokens | {args.steps} steps | NFE {nfe} | {wall:.1f} s"
         f"{' (with animation delays)' if args.visualize and tty else ''} | {args.num_samples * gen.sum() / wall:,.0f} tokens/s", file=sys.stderr)
 
