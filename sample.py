@@ -131,11 +131,14 @@ def quality(texts:np.ndarray, judge, start:int, train_grams:np.ndarray) -> dict:
     q |= {"judge_nll": nll, "gen_ppl": [round(math.exp(nll[0]), 2), round(math.exp(nll[0]) * nll[1], 2)]}  # delta method
   return q
 
-def report(args, model, keep, run_args, runs:list[tuple[np.ndarray, dict]]) -> list[dict]:
-  """--quality: the figures of each run's samples, then the same for held-out text and for the judge's own samples."""
+def load_judge(args, keep):
   judge, judge_keep, _ = load(args.judge) if args.judge else (None, keep, None)
   if judge is not None and not judge.cfg.causal: raise ValueError(f"--judge {args.judge} is not an autoregressive twin: train one with `python train.py --causal`")
   if judge_keep != keep: raise ValueError(f"--judge {args.judge} has another vocabulary than {args.ckpt}: train both on the same --data and --vocab-size")
+  return judge
+
+def report(args, model, keep, run_args, runs:list[tuple[np.ndarray, dict]], judge) -> list[dict]:
+  """--quality: the figures of each run's samples, then the same for held-out text and for the judge's own samples."""
   ds = prepare.load(run_args["data"], explicit=True, log=lambda *a: print(*a, file=sys.stderr))
   grams = np.unique(ngrams(vocab.to_compact(ds["train"][:50_000_000], keep), 8))  # the first 50M tokens of very large data
   L, start, n = runs[0][0].shape[1], vocab.eot(keep), len(runs[0][0])
@@ -221,11 +224,12 @@ def main(argv=None):
     if args.length and args.length > cfg.seq_len: raise ValueError(f"--length {args.length} is more than the model context ({cfg.seq_len})")
     init = template(args.prompt, keep, args.length, cfg.seq_len, cfg.mask_id)
     if args.sweep and cfg.causal: raise ValueError(f"--sweep compares diffusion samplers: {args.ckpt} is an autoregressive twin (pass it as --judge)")
+    judge = load_judge(args, keep) if args.quality else None  # a bad --judge is said before any sampling
   except (DataError, ValueError, FileNotFoundError) as e: sys.exit(f"error: {e}")
   if args.sweep:  # the quality table instead of one run
     runs = sweep(args, model, init)
     args.temperature, args.top_p = 1.0, 1.0  # the judge's own samples, the reference row: its plain distribution
-    try: return plot(report(args, model, keep, run_args, runs), args.sweep)
+    try: return plot(report(args, model, keep, run_args, runs, judge), args.sweep)
     except (DataError, ValueError, FileNotFoundError) as e: sys.exit(f"error: {e}")
 
   Tensor.manual_seed(args.seed)
@@ -252,7 +256,7 @@ def main(argv=None):
   if args.html: write_html(args.html, list(zip(xs[:, skip:], revealed_at[:, skip:])), frames, keep, cfg.mask_id)
   if args.quality:
     extra = {"sampler": "autoregressive" if cfg.causal else args.sampler, "temperature": args.temperature, "top_p": args.top_p, "steps": args.steps, "nfe": nfe, "seconds": round(wall, 2)}
-    try: report(args, model, keep, run_args, [(xs[:, skip:], extra)])
+    try: report(args, model, keep, run_args, [(xs[:, skip:], extra)], judge)
     except (DataError, ValueError, FileNotFoundError) as e: sys.exit(f"error: {e}")
   print(f"{args.num_samples} x {len(init)} tokens | {args.steps} steps | NFE {nfe} | {wall:.1f} s"
         f"{' (with animation delays)' if args.visualize and tty else ''} | {args.num_samples * gen.sum() / wall:,.0f} tokens/s", file=sys.stderr)
