@@ -11,7 +11,7 @@ import numpy as np
 from tinygrad import Device, Tensor, TinyJit, dtypes, nn
 import diffusion
 from data import DataError, prepare, vocab
-from data.batches import train_batch, val_windows
+from data.batches import WINDOWS, story_starts, train_batch, val_windows
 from model import (PRESETS, Config, Denoiser, add_size_flags, check_size, config_dict, device_name, devices, is_cpu, load_checkpoint,
                    n_params, parameters, positive, prefer_cpu_backend, replicas, save_checkpoint, supported_dtype)
 
@@ -47,17 +47,20 @@ def parse_args(argv=None):
                  "diffusion.nelbo with antithetic times, as the PyTorch peer) or count (diffusion.nelbo_by_count, lower variance)")
   p.add_argument("--causal", action="store_true", default=None,
                  help="train the autoregressive twin instead: the same network, causal attention, next-token NLL")
+  p.add_argument("--windows", choices=WINDOWS, help="training windows: stories (default: half start at a story, after its EOT), "
+                 "padded (the same, EOT after a story's end instead of the next story) or random (anywhere in the stream)")
   p.add_argument("--weight-decay", type=float)
   p.add_argument("--grad-clip", type=positive(float), help="global gradient-norm clip (default 1.0)")
   args = p.parse_args(argv)
   args.explicit = {k for k, v in vars(args).items() if v is not None and k not in ("out", "resume")}
   return args
 
-DEFAULTS = dict(data="tinystories", seed=1337, grad_accum=1, schedule="loglinear", weight_decay=0.0, grad_clip=1.0, time_cond=True, causal=False, estimator="plain")
+DEFAULTS = dict(data="tinystories", seed=1337, grad_accum=1, schedule="loglinear", weight_decay=0.0, grad_clip=1.0, time_cond=True, causal=False, estimator="plain", windows="stories")
 
 def resolve(args, saved:dict|None=None):
   """Fill unset flags: from the run being resumed, else the preset (by backend when not given), else DEFAULTS."""
   args.preset = args.preset or (saved or {}).get("preset") or ("small" if is_cpu() else "base")
+  saved = saved and {"windows": "random", **saved}  # runs from before --windows drew their windows anywhere
   for k, v in {**DEFAULTS, **PRESETS[args.preset], **TRAINING[args.preset], **(saved or {})}.items():
     if getattr(args, k, None) is None: setattr(args, k, v)
   for name in ("eval_draws", "final_draws"):
@@ -71,10 +74,10 @@ def learning_rate(step:int, args) -> float:
   # linear warm-up, then cosine decay to 10% of the peak
   return args.lr * min(1, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1, step / args.steps))))
 
-def batch(tokens, keep, args, rng):
+def batch(tokens, stories, keep, args, rng):
   """A step's data and all its randomness, drawn from one numpy generator so that a resumed run repeats it exactly."""
   B, T, A = args.batch_size, args.seq_len + args.causal, args.grad_accum  # the twin predicts each token from the ones before
-  x0 = vocab.to_compact(train_batch(tokens, A * B, T, rng), keep).reshape(A, B, T)
+  x0 = vocab.to_compact(train_batch(tokens, A * B, T, rng, args.windows, stories), keep).reshape(A, B, T)
   return x0, rng.random((A, 1), dtype=np.float32), rng.random((A, B, T), dtype=np.float32)
 
 def make_evaluate(model, val, keep, args, mask_id, draws:int):
@@ -104,12 +107,12 @@ def make_evaluate(model, val, keep, args, mask_id, draws:int):
     return (float(e.mean()), 0.0) if args.causal else diffusion.stratified_mean(e.reshape(N, K).tolist())
   return evaluate
 
-def unconditional_sample(model, cfg, keep, steps=64) -> str:
-  x = np.full((1, cfg.seq_len), cfg.mask_id, np.int32)
-  if cfg.causal: x[0, 0] = vocab.eot(keep)  # the twin starts after an end of text, as a story does
+def unconditional_sample(model, cfg, keep, windows, steps=64) -> str:
+  x, first = np.full((1, cfg.seq_len), cfg.mask_id, np.int32), int(cfg.causal or windows != "random")
+  x[0, 0] = vocab.eot(keep) if first else x[0, 0]  # a story starts after an end of text, as the model was trained
   states = diffusion.sample_ar(model, Tensor(x), cfg.mask_id) if cfg.causal else diffusion.sample(model, Tensor(x), cfg.mask_id, steps, cache=not cfg.time_cond)
   for xs, _, _ in states: pass
-  return vocab.decode(xs.numpy()[0][cfg.causal:], keep)
+  return vocab.decode(xs.numpy()[0][first:], keep)
 
 def learning_curve(log_path:str, svg_path:str):
   """log.jsonl as an SVG (no plotting library): training loss, smoothed, and validation NELBO in nats/token by step."""
@@ -170,6 +173,9 @@ def main(argv=None):
   if ema:
     for e, p in zip(parameters(ema).values(), parameters(model).values()): e.assign(p.detach()).realize()
   step, rng, elapsed, tokens_seen = 0, np.random.default_rng(args.seed), 0.0, 0
+  stories = None if args.windows == "random" else story_starts(ds["train"], args.seq_len + args.causal)
+  if stories is not None and len(stories) < args.batch_size and "windows" not in args.explicit and not meta:
+    args.windows, stories = "random", None  # one long text (a book): no stories to align windows with
   if meta:
     for k, v in state(model, ema, opt, keep).items():
       if k not in tensors or tensors[k].shape != v.shape: sys.exit(f"error: {ckpt_path} lacks {k} or has another shape: it was not written by this train.py")
@@ -184,7 +190,7 @@ def main(argv=None):
   tok_per_step = args.batch_size * args.seq_len * args.grad_accum
   devs = devices(args.batch_size, args.devices)
   print(f"device {', '.join(map(device_name, devs))} | preset {args.preset} | data {ds['name']} ({len(ds['train']):,} train tokens) | "
-        f"{n_params(model) / 1e6:.2f}M parameters | vocab {cfg.vocab_size} | {tok_per_step:,} tokens/step | {args.dtype}"
+        f"{n_params(model) / 1e6:.2f}M parameters | vocab {cfg.vocab_size} | {args.windows} windows | {tok_per_step:,} tokens/step | {args.dtype}"
         + (f" (the device has no {args.wanted_dtype})" if args.dtype != args.wanted_dtype else "")
         + (" | autoregressive twin (--causal)" if args.causal else ""))
   train_step = diffusion.train_step(replicas(model, devs), opt, cfg.mask_id, args.schedule, args.grad_clip,
@@ -207,7 +213,7 @@ def main(argv=None):
   log, tty, timed, timed_s = open(log_path, "a"), sys.stdout.isatty(), 0, 0.0
   while step < args.steps and not stop:
     opt.lr.assign(Tensor([learning_rate(step, args)], dtype=opt.lr.dtype)).realize()
-    data = batch(ds["train"], keep, args, rng)
+    data = batch(ds["train"], stories, keep, args, rng)
     t0 = time.perf_counter()
     loss = train_step(*data, ema_decay=min(args.ema, (1 + step) / (10 + step))).item()  # a young average follows the model
     dt = time.perf_counter() - t0
@@ -229,7 +235,7 @@ def main(argv=None):
       row.update(val_nelbo=round(nelbo, 4), val_nelbo_se=round(se, 4), val_ppl=round(math.exp(nelbo), 2), eval_s=round(time.perf_counter() - t_eval, 2))
       print(f"\nstep {step}: val " + (f"NLL {nelbo:.4f} nats/token, perplexity {row['val_ppl']:.2f}" if args.causal else
             f"NELBO {nelbo:.4f} ± {se:.4f} nats/token, perplexity <= {row['val_ppl']:.2f}") + f" ({row['eval_s']:.0f} s)"
-            f"\n  sample: {unconditional_sample(ema or model, cfg, keep)!r}", flush=True)
+            f"\n  sample: {unconditional_sample(ema or model, cfg, keep, args.windows)!r}", flush=True)
     log.write(json.dumps(row) + "\n"); log.flush()
     if row["val_nelbo"] is not None: checkpoint(); learning_curve(log_path, os.path.join(args.out, "curve.svg"))
   if stop: checkpoint()

@@ -1,17 +1,39 @@
-"""Model inputs from a token stream: stories are packed back to back, so a window may span a story boundary (EOT)."""
+"""Model inputs from a token stream. Stories are packed back to back, each followed by EOT. Training windows either start
+anywhere ("random": a window may open mid-sentence) or, half of them, at a story: the EOT that ends the previous story at
+position 0 and the story from position 1, so that a sampler that puts EOT first is asking for a story from its beginning
+(the other half still start anywhere: most stories are longer than a small model's context, and their middles and ends,
+which blockwise generation continues from, would otherwise never be seen). "padded": after a story's EOT the window
+holds EOT to its end instead of the next story."""
 import numpy as np
 from data import DataError
+from data.tokenizer import EOT
+
+WINDOWS = ("stories", "padded", "random")
+ALIGNED = 0.5  # the share of story-aligned windows, where windows != "random"
 
 def windows_fit(tokens, seq_len):
   """Raise if the stream can't fill one window: a smaller seq_len or more text is needed."""
   if len(tokens) < seq_len:
     raise DataError(f"the token stream has {len(tokens)} tokens, fewer than one window of {seq_len}: lower seq_len or use more text")
 
-def train_batch(tokens, batch_size, seq_len, rng):
-  """(batch_size, seq_len) int32 windows starting uniformly in [0, len - seq_len]; the same rng state gives the same batch."""
+def story_starts(tokens, seq_len:int, eot:int=EOT) -> np.ndarray:
+  """Positions of the EOTs that open a story and a whole window (one pass over the stream: keep the result)."""
+  ends = np.flatnonzero(np.asarray(tokens) == eot)
+  return ends[ends + seq_len <= len(tokens)]
+
+def train_batch(tokens, batch_size, seq_len, rng, windows:str="random", stories:np.ndarray|None=None, eot:int=EOT):
+  """(batch_size, seq_len) int32 windows; the same rng state gives the same batch. windows: one of WINDOWS; `stories`
+  (from story_starts) is needed unless it is "random"."""
   windows_fit(tokens, seq_len)
-  starts = rng.integers(0, len(tokens) - seq_len + 1, batch_size)
-  return np.asarray(tokens[starts[:, None] + np.arange(seq_len)], np.int32)
+  starts = rng.integers(0, len(tokens) - seq_len + 1, batch_size)  # uniform in [0, len - seq_len]
+  if windows != "random":
+    if stories is None or len(stories) == 0: raise DataError("no story fits a window: use --windows random, or data with <|endoftext|> between texts")
+    starts = np.where(rng.random(batch_size) < ALIGNED, stories[rng.integers(0, len(stories), batch_size)], starts)
+  x = np.asarray(tokens[starts[:, None] + np.arange(seq_len)], np.int32)
+  if windows == "padded":
+    ended = np.cumsum(np.c_[np.zeros((batch_size, 1), bool), x[:, 1:] == eot], 1) > 0  # at or after the first EOT past position 0
+    x = np.where(ended, eot, x)
+  return x
 
 def val_windows(tokens, seq_len, max_windows=None):
   """(N, seq_len) int32 non-overlapping windows from the start: the same every evaluation, so losses compare across runs."""

@@ -158,6 +158,36 @@ def test_train_batch_and_val_windows_are_slices_of_the_stream():
   with pytest.raises(DataError, match="fewer than one window"): batches.train_batch(tokens[:15], 2, 16, np.random.default_rng(0))
   with pytest.raises(DataError, match="fewer than one window"): batches.val_windows(tokens[:15], 16)
 
+def story_stream(n_stories=300, seed=0) -> np.ndarray:
+  """Stories of 5..39 random tokens (never EOT), each followed by EOT, packed as data.prepare packs them."""
+  rng = np.random.default_rng(seed)
+  return np.concatenate([np.r_[rng.integers(0, EOT, n), EOT] for n in rng.integers(5, 40, n_stories)]).astype(np.uint16)
+
+def test_story_windows_start_after_an_end_of_text_and_repeat_per_seed():
+  tokens, T = story_stream(), 16
+  starts = batches.story_starts(tokens, T)
+  assert starts.tolist() == [i for i in range(len(tokens) - T + 1) if tokens[i] == EOT]  # every EOT with a window after it
+  x = batches.train_batch(tokens, 2000, T, np.random.default_rng(1), "stories", starts)
+  slices = {tuple(tokens[i:i + T]) for i in range(len(tokens) - T + 1)}
+  openings = {tuple(tokens[i:i + T]) for i in starts}  # EOT, then a story from its first token
+  aligned = np.array([tuple(w) in openings for w in x])
+  assert all(tuple(w) in slices for w in x) and abs(aligned.mean() - batches.ALIGNED) < 4 * np.sqrt(0.25 / 2000)
+  assert (x[aligned, 0] == EOT).all() and (x[aligned, 1] != EOT).all()
+  assert np.array_equal(x, batches.train_batch(tokens, 2000, T, np.random.default_rng(1), "stories", starts))
+  assert not np.array_equal(x, batches.train_batch(tokens, 2000, T, np.random.default_rng(2), "stories", starts))
+  with pytest.raises(DataError, match="--windows random"): batches.train_batch(tokens, 4, T, np.random.default_rng(1), "stories", starts[:0])
+
+def test_padded_windows_hold_end_of_text_after_a_story_ends():
+  tokens, T = story_stream(), 48
+  starts = batches.story_starts(tokens, T)
+  x = batches.train_batch(tokens, 500, T, np.random.default_rng(3), "stories", starts)
+  p = batches.train_batch(tokens, 500, T, np.random.default_rng(3), "padded", starts)  # the same windows, padded
+  for row, padded in zip(x, p):
+    ends = [i for i in range(1, T) if row[i] == EOT]
+    cut = ends[0] if ends else T
+    assert np.array_equal(padded[:cut], row[:cut]) and (padded[cut:] == EOT).all()
+  assert (p == EOT).mean() > (x == EOT).mean()
+
 def test_windows_of_a_prepared_memmap(tmp_path):
   d = prepare.load("sample", root=str(tmp_path), log=lambda s: None)
   assert isinstance(d["train"], np.memmap) and d["train"].dtype == np.uint16
