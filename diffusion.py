@@ -224,9 +224,28 @@ def sample(denoiser:Denoiser, x:Tensor, mask_id:int, steps:int, schedule:str="lo
     if cache and changed.item(): tokens = None  # x_t changed: the next step needs a fresh p_θ
     yield x, s, nfe
 
-def sample_ar(denoiser:Denoiser, x:Tensor, mask_id:int, temperature:float=1.0, top_p:float=1.0) -> Iterator[tuple[Tensor, float, int]]:
+def sample_blocks(denoiser:Denoiser, x:Tensor, mask_id:int, steps:int, context:int, stop_id:int|None=None, first:int=0,
+                  **kw) -> Iterator[tuple[Tensor, float, int]]:
+  """`sample` past the model's context, semi-autoregressively (as MDLM and LLaDA generate long texts): the reverse
+  process runs on one window of `context` positions at a time, the first at x's start, each next one half a context
+  further on, so that its first part, the end of what exists, is the prompt for the block it writes. Stops at x's end,
+  or after the block in which every row has written stop_id (an end of text) past position `first`. Yields as `sample`
+  does, the whole x, with s the time within the current block and NFE counted over all blocks."""
+  x, hi, nfe = x.numpy(), min(context, x.shape[1]), 0  # windows are cut on the host: a window at an odd offset into a
+  while True:                                            # device buffer can be a misaligned view (a crash on tinygrad's CPU)
+    lo = hi - min(context, x.shape[1])  # every window is a whole context (the last one's prompt is longer)
+    for w, s, n in sample(denoiser, Tensor(x[:, lo:hi].copy()), mask_id, steps, **kw):
+      x[:, lo:hi] = w.numpy()
+      yield Tensor(x.copy()), s, nfe + n
+    nfe += n
+    if hi == x.shape[1] or (stop_id is not None and (x[:, first:hi] == stop_id).any(-1).all()): return
+    hi = min(hi + context // 2, x.shape[1])
+
+def sample_ar(denoiser:Denoiser, x:Tensor, mask_id:int, temperature:float=1.0, top_p:float=1.0,
+              stop_id:int|None=None) -> Iterator[tuple[Tensor, float, int]]:
   """The autoregressive twin's sampler, yielding as `sample` does: left to right, each MASK at position i > 0 is drawn
-  from the logits at i − 1, one network evaluation per position. Text after a MASK is not seen before it is reached."""
+  from the logits at i − 1, one network evaluation per position. Text after a MASK is not seen before it is reached.
+  Stops early once every row has written stop_id (an end of text)."""
   B, T = x.shape
   V = denoiser(x, Tensor.zeros(B)).shape[-1]
   @TinyJit
@@ -236,6 +255,7 @@ def sample_ar(denoiser:Denoiser, x:Tensor, mask_id:int, temperature:float=1.0, t
     drawn = predict(x, gumbel(B, T, V).realize()).pad(((0, 0), (1, 0)))[:, :T]  # the token drawn at i − 1 is for position i
     x = ((Tensor.arange(T) == i) & (x == mask_id)).where(drawn, x).realize()
     yield x, 1 - nfe / len(todo), nfe
+    if stop_id is not None and (x[:, 1:i + 1] == stop_id).any(-1).all().item(): return
 
 def generate(denoiser:Denoiser, x:Tensor, mask_id:int, steps:int, **kw) -> Tensor:
   """The final sample of `sample`, for callers that do not watch the steps."""

@@ -2,7 +2,8 @@
 import math
 import numpy as np, pytest
 from tinygrad import Tensor, dtypes
-from diffusion import SCHEDULES, alpha, antithetic_times, ar_nll, mask_counts, sample_ar, forward_process, nelbo, nelbo_by_count, sample, stratified_mean, time_of, weight
+from diffusion import (SCHEDULES, alpha, antithetic_times, ar_nll, mask_counts, sample_ar, forward_process, nelbo, nelbo_by_count, sample, sample_blocks,
+                       stratified_mean, time_of, weight)
 
 V, PAD = 5, 64                       # real tokens, padded vocabulary (MASK = V)
 P = np.array([0.4, 0.3, 0.15, 0.1, 0.05])
@@ -232,6 +233,10 @@ def test_ar_sampler_follows_the_chain_left_to_right_and_keeps_the_prompt():
     for i in range(1, 12):
       if init[r, i] == V: assert row[i] == BIGRAM[row[i - 1]].argmax()    # greedy: the most likely next token
   assert final[1, 5] == 2 and (final[:, 0] == [1, 3]).all()
+  stop = int(final[0, 3])  # stop_id: the sampler ends once every row has written it
+  at = min(i for i in range(1, 12) if final[0, i] == stop)
+  stopped = [x.numpy() for x, _, _ in sample_ar(bigram_oracle, Tensor(init[:1]), V, temperature=0, stop_id=stop)]
+  assert len(stopped) == at and np.array_equal(stopped[-1][0, :at + 1], final[0, :at + 1]) and (stopped[-1][0, at + 1:] == V).all()
   for k, (x, _) in enumerate(states, start=1): assert (x[:, k + 1:] == init[:, k + 1:]).all()  # nothing ahead is touched
   Tensor.manual_seed(14)
   drawn = [x for x, _, _ in sample_ar(bigram_oracle, Tensor(np.repeat([[0] + [V] * 63], 64, 0).astype(np.int32)), V)][-1].numpy()
@@ -244,3 +249,34 @@ def test_mask_counts_cover_one_to_length_evenly():
   assert k.tolist() == [5, 7, 9, 11, 13, 15, 1, 3]  # 1 + ⌊16·((0.3 + i/8) mod 1)⌋: one count in each eighth of 1..16
   halves = [mask_counts(4, 16, Tensor([0.3 + j / 2]), spread=8).numpy() for j in (0, 1)]  # a batch split over two devices
   assert sorted(np.concatenate(halves).tolist()) == sorted(k.tolist())
+
+# ***** past the context: blockwise generation *****
+
+M = 20  # tokens of the counting language (MASK = M)
+
+def counting_oracle(x:Tensor, t:Tensor) -> Tensor:
+  """A window of the counting language: token j is the window's first token + j (mod M), with certainty. It reads only
+  the window's first position, so a block is right only if the blocks before it wrote it and its prompt was kept."""
+  want = (x[:, :1] + Tensor.arange(x.shape[1]).reshape(1, -1)) % M
+  return (Tensor.arange(PAD).reshape(1, 1, PAD) == want.unsqueeze(-1)).where(0.0, -math.inf)
+
+def test_blocks_continue_the_text_past_the_context_and_keep_every_prompt_token():
+  init = np.full((2, 50), M, np.int32)
+  init[:, 0] = [3, 10]
+  states = [(x.numpy(), nfe) for x, _, nfe in sample_blocks(counting_oracle, Tensor(init), M, 4, context=8)]
+  final, nfe = states[-1]
+  assert np.array_equal(final, (init[:, :1] + np.arange(50)) % M)  # every block continued exactly where the last one stopped
+  assert nfe == len(states) == 4 * 12                                # windows ending at 8, 12, ..., 48, 50: 4 steps each
+  for (a, _), (b, _) in zip(states, states[1:]):
+    assert ((a == M) | (a == b)).all()                                # a written or given token is never changed
+  ahead = [int((x != M).all(0).sum()) for x, _ in states[3::4]]     # written by the end of each block
+  assert ahead == [8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 50]   # each block writes half a context past the last
+
+def test_blocks_stop_once_every_row_has_written_the_end_of_text():
+  init = np.full((2, 50), M, np.int32)
+  init[:, 0] = [3, 10]  # 17 first appears at position 14 in row 0 and at 7 in row 1
+  final, _, nfe = [*sample_blocks(counting_oracle, Tensor(init), M, 4, context=8, stop_id=17, first=1)][-1]
+  final = final.numpy()
+  assert nfe == 4 * 3 and (final[:, 16:] == M).all() and (final[:, :16] != M).all()  # the third block, ending at 16, wrote it
+  final, _, nfe = [*sample_blocks(counting_oracle, Tensor(init[1:]), M, 4, context=8, stop_id=10, first=1)][-1]
+  assert nfe == 4 * 5  # position 0 (a given 10) does not count: 10 comes again at 20, in the fifth block (ending at 24)
