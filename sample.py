@@ -4,6 +4,8 @@
   python sample.py --prompt "Once upon a time" --num-samples 3
   python sample.py --prompt "Tom had a [MASK*3] dog. [MASK*20] The end."   # infilling
   python sample.py --html story.html                    # a self-contained page that replays the denoising
+  python sample.py --length 512                         # past the context: block by block, until the story ends
+  python sample.py --race out/ar/ckpt.safetensors --html race.html   # diffusion and left-to-right, side by side
   python sample.py --quality --judge out/ar/ckpt.safetensors --num-samples 32   # gen PPL, entropy, repetition, copying
   python sample.py --quality --judge out/ar/ckpt.safetensors --num-samples 8 --sweep quality.svg   # the quality table
 
@@ -27,75 +29,78 @@ def load(path:str) -> tuple[Denoiser, list|None, dict]:
     v.assign(tensors[prefix + k]).realize()
   return model, (tensors["vocab.keep"].numpy().tolist() if "vocab.keep" in tensors else None), meta["args"]
 
-def template(prompt:str, keep, length:int|None, context:int, mask_id:int) -> np.ndarray:
+def template(prompt:str, keep, length:int|None, context:int, mask_id:int, start:int|None=None) -> np.ndarray:
   """Token ids with mask_id where text is to be generated. `[MASK]` is one token to fill, `[MASK*N]` N tokens; text
-  outside the markers is kept verbatim. Without markers the prompt is a prefix and the rest, up to length, is generated."""
+  outside the markers is kept verbatim. Without markers the prompt is a prefix and the rest, up to length, is generated.
+  start: a token put first (the end of text that a story follows), not counted in length. The prompt must fit the
+  first context; the length need not (block by block, `diffusion.sample_blocks`)."""
   if "[MASK" in MARKER.sub("", prompt): raise ValueError("malformed marker in --prompt: write [MASK] or [MASK*N] with N >= 1")
-  pieces, pos = [], 0
+  pieces, pos = [] if start is None else [np.array([start])], 0
   for m in MARKER.finditer(prompt):
     n = int(m.group(1) or 1)
     if n < 1: raise ValueError("malformed marker in --prompt: [MASK*N] needs N >= 1")
     pieces += [vocab.encode(prompt[pos:m.start()], keep), np.full(n, mask_id)]
     pos = m.end()
-  ids = np.concatenate(pieces + [vocab.encode(prompt[pos:], keep)]).astype(np.int32)
-  length = length or (len(ids) if pieces else context)
-  if len(ids) > min(length, context):
-    raise ValueError(f"the prompt is {len(ids)} tokens, more than {'--length ' + str(length) if length < context else 'the model context'} "
-                     f"({min(length, context)}): shorten it" + (" or raise --length" if length < context else ""))
+  ids, n = np.concatenate(pieces + [vocab.encode(prompt[pos:], keep)]).astype(np.int32), int(start is not None)
+  length = n + length if length else (len(ids) if MARKER.search(prompt) else context)
+  if len(ids) > context: raise ValueError(f"the prompt is {len(ids) - n} tokens, more than the model context ({context - n}): shorten it")
+  if len(ids) > length: raise ValueError(f"the prompt is {len(ids) - n} tokens, more than --length {length - n}: shorten it or raise --length")
   return np.concatenate([ids, np.full(length - len(ids), mask_id, np.int32)])
 
 # ***** showing the reverse process: tokens never change once revealed, so a run is its final tokens plus, for each
 # position, the step that revealed it (-1: given by the prompt) *****
 
-def frame_text(tokens, revealed_at, step:int, keep, mask_id:int, color:bool) -> str:
-  """One sequence at one step: masks as dim ░, tokens revealed in this step highlighted."""
+def frame_text(tokens, revealed_at, step:int, keep, mask_id:int, color:bool, end:int|None=None) -> str:
+  """One sequence at one step: masks as dim ░, tokens revealed in this step highlighted, from the end of text on grey."""
   kind = np.where(revealed_at < 0, 0, np.where(revealed_at < step, 1, np.where(revealed_at == step, 2, 3)))  # given, old, new, masked
+  kind = np.where((np.arange(len(tokens)) >= (len(tokens) if end is None else end)) & (kind != 3), 4, kind)  # shown, after the end
   out, start = [], 0
   for i in range(1, len(tokens) + 1):
     if i == len(tokens) or kind[i] != kind[start]:
       text = vocab.decode(tokens[start:i] if kind[start] != 3 else [mask_id] * (i - start), keep)
-      style = {0: "\x1b[1m", 1: "", 2: "\x1b[1;32m", 3: "\x1b[2m"}[kind[start]]
+      style = {0: "\x1b[1m", 1: "", 2: "\x1b[1;32m", 3: "\x1b[2m", 4: "\x1b[90m"}[kind[start]]
       out.append(f"{style}{text}\x1b[0m" if color and style else text)
       start = i
   return "".join(out)
 
-def write_html(path:str, runs, frames, keep, mask_id:int):
-  """A single page, no external assets: play/pause and a step slider over the recorded steps."""
-  data = {"frames": frames, "samples": [{"tokens": [vocab.decode([i], keep) for i in tokens], "revealed_at": revealed_at.tolist()}
-                                        for tokens, revealed_at in runs]}
+def write_html(path:str, runs, labels:list[str], keep):
+  """A single page, no external assets: play/pause and a slider over the recorded frames. runs: (title, tokens,
+  revealed_at, end) per text, revealed_at counted in frames."""
+  data = {"labels": labels, "samples": [{"title": title, "tokens": [vocab.decode([i], keep) for i in tokens], "revealed_at": revealed_at.tolist(),
+                                         "end": len(tokens) if end is None else end} for title, tokens, revealed_at, end in runs]}
   payload = json.dumps(data).replace("<", "\\u003c")  # inside <script> only "</script>" could break out
   page = f"""<!doctype html><meta charset="utf-8"><title>tinymdlm: denoising</title>
-<style>body{{font:16px/1.5 Georgia,serif;max-width:46em;margin:2em auto}}pre{{white-space:pre-wrap}}.m{{color:#bbb}}.n{{background:#c8f7c5}}.g{{font-weight:bold}}</style>
+<style>body{{font:16px/1.5 Georgia,serif;max-width:46em;margin:2em auto}}pre{{white-space:pre-wrap}}.m{{color:#bbb}}.n{{background:#c8f7c5}}.g{{font-weight:bold}}.e{{color:#aaa}}</style>
 <h3>tinymdlm: text condensing out of [MASK]s</h3>
-<button id="play">pause</button> <input id="step" type="range" min="0" max="{len(frames) - 1}" value="0" style="width:60%"> <span id="info"></span>
+<button id="play">pause</button> <input id="step" type="range" min="0" max="{len(labels) - 1}" value="0" style="width:60%"> <div id="info"></div>
 <div id="out"></div>
 <script id="data" type="application/json">{payload}</script>
 <script>
 const D = JSON.parse(document.getElementById("data").textContent), S = document.getElementById("step");
 const esc = s => s.replace(/&/g, "&amp;").replace(/</g, "&lt;");
 function show(k) {{
-  S.value = k; const f = D.frames[k];
-  document.getElementById("info").textContent = `step ${{k}}/${{D.frames.length - 1}}  t = ${{f.t.toFixed(3)}}  ${{f.revealed}}% revealed`;
-  document.getElementById("out").innerHTML = D.samples.map(s => "<pre>" + s.tokens.map((w, i) => {{
-    const r = s.revealed_at[i];
-    return r < 0 ? `<span class="g">${{esc(w)}}</span>` : r > k ? '<span class="m">░</span>' : r == k ? `<span class="n">${{esc(w)}}</span>` : esc(w);
+  S.value = k; document.getElementById("info").textContent = D.labels[k];
+  document.getElementById("out").innerHTML = D.samples.map(s => (s.title ? `<h4>${{esc(s.title)}}</h4>` : "") + "<pre>" + s.tokens.map((w, i) => {{
+    const r = s.revealed_at[i], c = r < 0 ? "g" : r > k ? "m" : i >= s.end ? "e" : r == k ? "n" : "";
+    return r > k ? '<span class="m">░</span>' : c ? `<span class="${{c}}">${{esc(w)}}</span>` : esc(w);
   }}).join("") + "</pre>").join("");
 }}
 let playing = true, k = 0;
 document.getElementById("play").onclick = e => {{ playing = !playing; e.target.textContent = playing ? "pause" : "play"; }};
 S.oninput = () => show(k = +S.value);
-setInterval(() => {{ if (playing) show(k = (k + 1) % D.frames.length); }}, 80);
+setInterval(() => {{ if (playing) show(k = (k + 1) % D.labels.length); }}, 80);
 show(0);
 </script>
 """
   with open(path, "w", encoding="utf-8") as f: f.write(page)
 
-def reverse_process(model, init:np.ndarray, args):
-  """The sampler for this checkpoint: the reverse diffusion from the masks in init, or the autoregressive twin left to right."""
+def reverse_process(model, init:np.ndarray, args, stop:int|None=None):
+  """The sampler for this checkpoint: the reverse diffusion from the masks in init (block by block past the context), or
+  the autoregressive twin left to right; either stops early once every sample has written `stop` (an end of text)."""
   x, cfg = Tensor(np.tile(init, (args.num_samples, 1)).astype(np.int32)), model.cfg
-  if cfg.causal: return diffusion.sample_ar(model, x, cfg.mask_id, args.temperature, args.top_p)
-  return diffusion.sample(model, x, cfg.mask_id, args.steps, args.schedule, args.sampler, cache=not cfg.time_cond and args.sampler == "ancestral",
-                          temperature=args.temperature, top_p=args.top_p)
+  if cfg.causal: return diffusion.sample_ar(model, x, cfg.mask_id, args.temperature, args.top_p, stop)
+  return diffusion.sample_blocks(model, x, cfg.mask_id, args.steps, cfg.seq_len, stop, first=int(init[0] != cfg.mask_id), schedule=args.schedule,
+                                 method=args.sampler, cache=not cfg.time_cond and args.sampler == "ancestral", temperature=args.temperature, top_p=args.top_p)
 
 # ***** sample quality: the field's figures for a set of texts, each as mean ± standard error over the texts *****
 
@@ -131,11 +136,12 @@ def quality(texts:np.ndarray, judge, start:int, train_grams:np.ndarray) -> dict:
     q |= {"judge_nll": nll, "gen_ppl": [round(math.exp(nll[0]), 2), round(math.exp(nll[0]) * nll[1], 2)]}  # delta method
   return q
 
-def load_judge(args, keep):
-  judge, judge_keep, _ = load(args.judge) if args.judge else (None, keep, None)
-  if judge is not None and not judge.cfg.causal: raise ValueError(f"--judge {args.judge} is not an autoregressive twin: train one with `python train.py --causal`")
-  if judge_keep != keep: raise ValueError(f"--judge {args.judge} has another vocabulary than {args.ckpt}: train both on the same --data and --vocab-size")
-  return judge
+def load_twin(path:str, keep, flag:str):
+  """The autoregressive twin given as --judge or --race, on the diffusion model's vocabulary."""
+  twin, twin_keep, _ = load(path)
+  if not twin.cfg.causal: raise ValueError(f"--{flag} {path} is not an autoregressive twin: train one with `python train.py --causal`")
+  if twin_keep != keep: raise ValueError(f"--{flag} {path} has another vocabulary than the diffusion model: train both on the same --data and --vocab-size")
+  return twin
 
 def report(args, model, keep, run_args, runs:list[tuple[np.ndarray, dict]], judge) -> list[dict]:
   """--quality: the figures of each run's samples, then the same for held-out text and for the judge's own samples."""
@@ -159,14 +165,14 @@ def report(args, model, keep, run_args, runs:list[tuple[np.ndarray, dict]], judg
 SWEEP = ([(s, 1.0, 1.0, n) for n in (8, 16, 32, 64, 128, 256) for s in ("ancestral", "confidence")] + [("ancestral", 1.0, 1.0, 1024)] +
          [(s, T, p, n) for T, p in ((0.8, 1.0), (1.0, 0.9), (0.8, 0.9)) for n in (32, 128) for s in ("ancestral", "confidence")])
 
-def sweep(args, model, init) -> list[tuple[np.ndarray, dict]]:
+def sweep(args, model, init, first:int) -> list[tuple[np.ndarray, dict]]:
   """--quality --sweep: the same prompt through each (sampler, temperature, top-p, steps) of SWEEP, the quality table."""
   runs = []
   for sampler, temperature, top_p, steps in SWEEP:
     a = argparse.Namespace(**{**vars(args), "sampler": sampler, "temperature": temperature, "top_p": top_p, "steps": steps})
     Tensor.manual_seed(args.seed); t0 = time.perf_counter()
     for xs, _, nfe in reverse_process(model, init, a): pass
-    runs.append((xs.numpy(), {"sampler": sampler, "temperature": temperature, "top_p": top_p, "steps": steps, "nfe": nfe, "seconds": round(time.perf_counter() - t0, 2)}))
+    runs.append((xs.numpy()[:, first:], {"sampler": sampler, "temperature": temperature, "top_p": top_p, "steps": steps, "nfe": nfe, "seconds": round(time.perf_counter() - t0, 2)}))
   return runs
 
 def plot(rows:list[dict], svg_path:str):
@@ -210,6 +216,9 @@ def main(argv=None):
   p.add_argument("--judge", help="an autoregressive twin's checkpoint (train.py --causal) to compute generative perplexity")
   p.add_argument("--sweep", metavar="SVG", help="with --quality: also each sampler, temperature, top-p and step count of the "
                  "quality table (sample.SWEEP), and plot generative perplexity against network evaluations into SVG")
+  p.add_argument("--keep-going", action="store_true", help="show the text after a story's end of text, and write the whole --length")
+  p.add_argument("--race", metavar="AR_CKPT", help="race the diffusion model against its autoregressive twin (train.py --causal): "
+                 "both write side by side, one network evaluation per frame (with --html: also as a page)")
   args = p.parse_args(argv)
   prefer_cpu_backend()
   for name in ("num_samples", "steps", "fps"):
@@ -217,48 +226,69 @@ def main(argv=None):
   if args.length is not None and args.length <= 0: p.error("--length must be > 0")
   if args.temperature < 0 or not 0 < args.top_p <= 1: p.error("--temperature must be >= 0 and --top-p in (0, 1]")
   if args.sweep and not args.quality: p.error("--sweep needs --quality (and --judge for generative perplexity)")
+  if args.race and (args.quality or MARKER.search(args.prompt)): p.error("--race takes a prefix --prompt (the left-to-right side cannot fill in), and no --quality")
 
   try:
     model, keep, run_args = load(args.ckpt)
-    cfg = model.cfg
-    if args.length and args.length > cfg.seq_len: raise ValueError(f"--length {args.length} is more than the model context ({cfg.seq_len})")
-    init = template(args.prompt, keep, args.length, cfg.seq_len, cfg.mask_id)
-    if args.sweep and cfg.causal: raise ValueError(f"--sweep compares diffusion samplers: {args.ckpt} is an autoregressive twin (pass it as --judge)")
-    judge = load_judge(args, keep) if args.quality else None  # a bad --judge is said before any sampling
+    cfg, eot = model.cfg, vocab.eot(keep)
+    # a model trained on story-aligned windows (and the twin) reads a story as what follows an end of text
+    first = int(cfg.causal or bool(args.race) or run_args.get("windows", "random") != "random")
+    init = template(args.prompt, keep, args.length, cfg.seq_len, cfg.mask_id, eot if first else None)
+    if cfg.causal and len(init) > cfg.seq_len: raise ValueError(f"--length {args.length} is more than the autoregressive twin's context ({cfg.seq_len - 1})")
+    if (args.sweep or args.race) and cfg.causal: raise ValueError(f"{args.ckpt} is an autoregressive twin: pass the diffusion model as --ckpt")
+    judge = load_twin(args.judge, keep, "judge") if args.quality and args.judge else None  # said before any sampling
+    twin = load_twin(args.race, keep, "race") if args.race else None
+    if twin and len(init) > twin.cfg.seq_len: raise ValueError(f"--race writes within both contexts: lower --length to {twin.cfg.seq_len - 1}")
   except (DataError, ValueError, FileNotFoundError) as e: sys.exit(f"error: {e}")
   if args.sweep:  # the quality table instead of one run
-    runs = sweep(args, model, init)
+    runs = sweep(args, model, init, first)
     args.temperature, args.top_p = 1.0, 1.0  # the judge's own samples, the reference row: its plain distribution
     try: return plot(report(args, model, keep, run_args, runs, judge), args.sweep)
     except (DataError, ValueError, FileNotFoundError) as e: sys.exit(f"error: {e}")
 
-  Tensor.manual_seed(args.seed)
-  skip = int(cfg.causal and init[0] == cfg.mask_id)
-  if skip: init[0] = vocab.eot(keep)  # the autoregressive twin starts after an end of text, as a story does (not shown)
-  gen = init == cfg.mask_id
+  gen, stop = init == cfg.mask_id, None if args.keep_going or args.quality else eot
   if cfg.causal: args.steps = int(gen.sum())  # left to right: one step, and one network evaluation, per token
-  revealed_at = np.where(gen, args.steps + 1, -1)[None].repeat(args.num_samples, 0)
-  frames, steps = [{"t": 1.0, "revealed": 0}], reverse_process(model, init, args)
-  tty, t0, nfe = sys.stdout.isatty(), time.perf_counter(), 0
-  snapshots = set(np.linspace(0, args.steps, 6).round().astype(int).tolist())
-  for k, (xs, s, nfe) in enumerate(steps, start=1):
-    xs = xs.numpy()
-    revealed_at[(revealed_at > args.steps) & (xs != cfg.mask_id)] = k
-    frames.append({"t": s, "revealed": round(100 * float((xs[:, gen] != cfg.mask_id).mean()) if gen.any() else 100, 1)})
-    if args.visualize and (tty or k in snapshots):
-      head = f"step {k}/{args.steps}  t = {s:.3f}  {frames[-1]['revealed']}% revealed  NFE {nfe}"
-      body = "\n\n".join(frame_text(xs[i, skip:], revealed_at[i, skip:], k, keep, cfg.mask_id, tty) for i in range(len(xs)))
-      print(("\x1b[H\x1b[J" if tty else "") + head + "\n" + body + ("\n" if tty else "\n" + "-" * 40), flush=True)
-      if tty: time.sleep(1 / args.fps)
+  sides = [("diffusion", model), ("autoregressive twin", twin)] if twin else [("", model)]
+  t0, tty, runs = time.perf_counter(), sys.stdout.isatty(), []
+  for name, m in sides:
+    Tensor.manual_seed(args.seed)
+    revealed_at, labels = np.where(gen, 1 << 30, -1)[None].repeat(args.num_samples, 0), [f"step 0  t = 1.000  0% revealed"]
+    for k, (xs, s, nfe) in enumerate(reverse_process(m, init, args, stop), start=1):
+      xs = xs.numpy()
+      revealed_at[(revealed_at == 1 << 30) & (xs != cfg.mask_id)] = nfe if twin else k  # the race counts frames in NFE
+      block, j = divmod(k - 1, args.steps)
+      labels.append((f"block {block + 1}  " if len(init) > cfg.seq_len else "") + f"step {j + 1}/{args.steps}  t = {s:.3f}  "
+                    f"{round(100 * float((xs[:, gen] != cfg.mask_id).mean()) if gen.any() else 100, 1)}% revealed  NFE {nfe}")
+      if args.visualize and not twin and (tty or (block == 0 and k in np.linspace(0, args.steps, 6).round()) or (block and s == 0)):
+        show(labels[-1], [("", xs[i], revealed_at[i], k) for i in range(len(xs))], first, gen, keep, cfg.mask_id, tty, args.fps)
+    runs.append((name, xs, revealed_at, nfe))
   wall = time.perf_counter() - t0
-  if not args.visualize:
-    for i in range(len(xs)): print(vocab.decode(xs[i, skip:], keep) + ("\n" + "-" * 40 if i < len(xs) - 1 else ""))
-  if args.html: write_html(args.html, list(zip(xs[:, skip:], revealed_at[:, skip:])), frames, keep, cfg.mask_id)
+  ends = [[None if args.keep_going else vocab.story_end(x, ~gen, keep) for x in xs] for _, xs, _, _ in runs]
+  if twin:
+    total = max(nfe for *_, nfe in runs)
+    labels = [f"NFE {k}: " + " · ".join(f"{name} {min(k, nfe)}{' (done)' if k >= nfe else ''}" for name, _, _, nfe in runs) for k in range(total + 1)]
+    for k in range(1, total + 1):
+      if tty or k in np.linspace(0, total, 6).round():
+        show(labels[k], [(f"{name} ({nfe} NFE)", xs[i], ra[i], k) for name, xs, ra, nfe in runs for i in range(len(xs))], first, gen, keep, cfg.mask_id, tty, args.fps)
+  elif not args.visualize:
+    for i, x in enumerate(xs):
+      cut = "" if ends[0][i] is not None or args.keep_going or not gen[-1] else f"\n[cut: no end of text within {len(init) - first} tokens]"
+      print(vocab.decode(x[first:ends[0][i]], keep) + cut + ("\n" + "-" * 40 if i < len(xs) - 1 else ""))
+  if args.html: write_html(args.html, [(name, xs[i, first:], ra[i, first:], e[i] and e[i] - first) for (name, xs, ra, _), e in zip(runs, ends)
+                                       for i in range(len(xs))], labels, keep)
   if args.quality:
     extra = {"sampler": "autoregressive" if cfg.causal else args.sampler, "temperature": args.temperature, "top_p": args.top_p, "steps": args.steps, "nfe": nfe, "seconds": round(wall, 2)}
-    try: report(args, model, keep, run_args, [(xs[:, skip:], extra)], judge)
+    try: report(args, model, keep, run_args, [(xs[:, first:], extra)], judge)
     except (DataError, ValueError, FileNotFoundError) as e: sys.exit(f"error: {e}")
-  print(f"{args.num_samples} x {len(init)} tokens | {args.steps} steps | NFE {nfe} | {wall:.1f} s"
-        f"{' (with animation delays)' if args.visualize and tty else ''} | {args.num_samples * gen.sum() / wall:,.0f} tokens/s", file=sys.stderr)
+  print(f"{args.num_samples} x {len(init) - first} tokens | " + " | ".join(f"{name + ': ' if name else ''}NFE {nfe}" for name, _, _, nfe in runs) +
+        f" | {wall:.1f} s{' (with animation delays)' if args.visualize and tty else ''} | {len(runs) * args.num_samples * gen.sum() / wall:,.0f} tokens/s", file=sys.stderr)
+
+def show(label:str, texts, first:int, gen, keep, mask_id:int, tty:bool, fps:float):
+  """One frame of --visualize or --race: in a terminal redrawn in place, else a plain snapshot. texts: (title, tokens,
+  revealed_at, step) per text."""
+  body = "\n\n".join((title + "\n" if title else "") + frame_text(x[first:], ra[first:], k, keep, mask_id, tty, (e := vocab.story_end(x, ~gen, keep)) and e - first)
+                     for title, x, ra, k in texts)
+  print(("\x1b[H\x1b[J" if tty else "") + label + "\n" + body + ("\n" if tty else "\n" + "-" * 40), flush=True)
+  if tty: time.sleep(1 / fps)
 
 if __name__ == "__main__": main()

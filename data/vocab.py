@@ -56,3 +56,10 @@ def decode(compact_ids, keep):
 def encode(text, keep):
   """Compact ids of a prompt (plain text: a literal <|endoftext|> in it is text, not EOT)."""
   return to_compact(np.array(gpt2().encode_ordinary(text), np.int64), keep)
+
+def story_end(ids, given, keep) -> int|None:
+  """Where a generated story ends: the position of its first end of text after which nothing given (a prompt) follows;
+  None if it has none (it was cut), or the vocabulary has no end of text."""
+  if keep is not None and EOT not in keep: return None
+  ends = np.flatnonzero((np.asarray(ids) == eot(keep)) & (np.arange(len(ids)) > max(np.flatnonzero(given), default=-1)))
+  return int(ends[0]) if len(ends) else None

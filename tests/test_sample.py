@@ -2,6 +2,7 @@
 import json, re
 from html.parser import HTMLParser
 import numpy as np, pytest
+from tinygrad import Tensor
 import sample
 from data import vocab
 
@@ -14,7 +15,7 @@ def test_a_prompt_is_kept_exactly_and_no_mask_remains(capsys, tiny_run):
   out, err = run(capsys, tiny_run, "--prompt", "Once upon a time, Tom", "--num-samples", "2")
   stories = out.split("-" * 40)
   assert len(stories) == 2 and all(s.strip("\n").startswith("Once upon a time, Tom") for s in stories)
-  assert vocab.MASK not in out and "NFE 8" in err and "tokens/s" in err
+  assert vocab.MASK not in out and "NFE 8" in err and "tokens/s" in err, out
 
 def test_infilling_keeps_every_character_outside_the_markers(capsys, tiny_run):
   out, _ = run(capsys, tiny_run, "--prompt", "Tom had a [MASK*3] dog.[MASK] The end!", "--seed", "5")
@@ -51,15 +52,54 @@ def test_html_replay_parses_and_holds_every_frame(capsys, tiny_run, tmp_path):
       if getattr(self, "inside", False): scripts.append(data)
   Scripts(convert_charrefs=True).feed(path.read_text())
   data = json.loads(scripts[0])
-  assert len(data["frames"]) == 8 + 1 and data["frames"][-1]["revealed"] == 100
-  assert [f["t"] for f in data["frames"]] == sorted([f["t"] for f in data["frames"]], reverse=True)
-  for s, text in zip(data["samples"], out.split("-" * 40)):   # the final frame is the printed text
+  assert len(data["labels"]) == 8 + 1 and "100.0% revealed" in data["labels"][-1] and "t = 0.000" in data["labels"][-1]
+  for s, text in zip(data["samples"], out.split("-" * 40)):   # the final frame is the printed text, up to the end of text
     assert max(s["revealed_at"]) == 8 and min(s["revealed_at"]) >= 1
-    assert "".join(s["tokens"]).strip() == text.strip()
+    assert "".join(s["tokens"][:s["end"]]).strip() == text.split("\n[cut:")[0].strip()
+
+def test_a_story_is_shown_up_to_its_end_of_text_and_keep_going_shows_the_rest(capsys, tiny_run, monkeypatch):
+  """The drawn tokens are planted (the tiny model seldom ends a story): the printed text stops where the story ends."""
+  _, keep, _ = sample.load(str(tiny_run / "ckpt.safetensors"))
+  eot, words = vocab.eot(keep), vocab.encode(" He was happy. She was sad.", keep)
+  def planted(model, init, args, stop=None):
+    x = np.tile(init, (2, 1))
+    x[:, 1:1 + 2 * len(words)] = np.r_[words, words]
+    x[0, 1 + len(words)] = eot  # row 0 ends after " He was happy. She was sad."; row 1 never ends
+    yield Tensor(x), 0.0, 1
+  monkeypatch.setattr(sample, "reverse_process", planted)
+  out, _ = run(capsys, tiny_run, "--length", "20", "--num-samples", "2")
+  a, b = out.split("-" * 40)
+  assert a.strip("\n") == " He was happy. She was sad." and b.startswith("\n He was happy. She was sad. He was happy. She was sad.")
+  assert "[cut: no end of text within 20 tokens]" in b and "[cut" not in a
+  out, _ = run(capsys, tiny_run, "--length", "20", "--num-samples", "2", "--keep-going")
+  assert out.startswith(" He was happy. She was sad.<|endoftext|>") and "[cut" not in out
+  assert vocab.story_end([eot, 5, eot, 7], np.array([True, False, False, False]), keep) == 2  # the given start is not an end
+  assert vocab.story_end([5, eot, 7, 8], np.array([False, False, True, False]), keep) is None  # given text follows it: not the end
+
+def test_length_past_the_context_writes_block_by_block(capsys, tiny_run, tmp_path):
+  out, err = run(capsys, tiny_run, "--length", "70", "--keep-going", "--prompt", "Once upon a time", "--html", str(tmp_path / "long.html"))
+  assert out.startswith("Once upon a time") and vocab.MASK not in out
+  assert "NFE 32" in err  # the EOT and 70 tokens: windows of 32 ending at 32, 48, 64 and 71, 8 steps each
+  html = (tmp_path / "long.html").read_text()
+  assert "block 4  step 8/8" in html and len(json.loads(re.search(r'application/json">(.*?)</script>', html, re.S)[1])["labels"]) == 32 + 1
+  with pytest.raises(SystemExit) as e: sample.main(["--ckpt", str(tiny_run / "ckpt.safetensors"), "--race", str(tiny_run / "ckpt.safetensors")])
+  assert "not an autoregressive twin" in str(e.value.code)
+
+def test_race_off_a_terminal_prints_both_sides_and_writes_a_page(capsys, tiny_run, tiny_ar_run, tmp_path):
+  out, err = run(capsys, tiny_run, "--race", str(tiny_ar_run / "ckpt.safetensors"), "--keep-going", "--html", str(tmp_path / "race.html"))
+  frames = [f for f in out.split("-" * 40) if f.strip()]
+  assert len(frames) == 5 and "\x1b" not in out and all("diffusion (8 NFE)" in f and "autoregressive twin (31 NFE)" in f for f in frames)
+  assert frames[0].count(vocab.MASK) > frames[-1].count(vocab.MASK) == 0
+  assert "diffusion: NFE 8 | autoregressive twin: NFE 31" in err  # time-conditioned: one evaluation a step; left to right: one a token
+  page = (tmp_path / "race.html").read_text()
+  data = json.loads(re.search(r'application/json">(.*?)</script>', page, re.S)[1])
+  assert [s["title"] for s in data["samples"]] == ["diffusion", "autoregressive twin"] and len(data["labels"]) == 31 + 1
+  assert max(data["samples"][0]["revealed_at"]) == 8 and sorted(data["samples"][1]["revealed_at"]) == list(range(1, 32))
+  assert "http" not in page.replace("http://www.w3.org", "")  # self-contained
 
 @pytest.mark.parametrize("flags,message", [
   (["--prompt", "a [MASK*x] b"], "malformed marker"), (["--prompt", "a [MASK*0] b"], "malformed marker"),
-  (["--prompt", "word " * 40], "the prompt is"), (["--length", "999"], "more than the model context"),
+  (["--prompt", "word " * 40], "more than the model context"), (["--prompt", "word " * 10, "--length", "5"], "more than --length 5"),
 ])
 def test_bad_prompts_are_one_line_errors(tiny_run, flags, message):
   with pytest.raises(SystemExit) as e: sample.main(["--ckpt", str(tiny_run / "ckpt.safetensors"), *flags])
