@@ -3,7 +3,8 @@ anywhere ("random": a window may open mid-sentence) or, half of them, at a story
 position 0 and the story from position 1, so that a sampler that puts EOT first is asking for a story from its beginning
 (the other half still start anywhere: most stories are longer than a small model's context, and their middles and ends,
 which blockwise generation continues from, would otherwise never be seen). "padded": after a story's EOT the window
-holds EOT to its end instead of the next story."""
+holds EOT to its end instead of the next story (a lower validation NELBO, but a model trained so reads EOT as "EOT
+follows" and ends many samples at their first token; BENCHMARKS.md)."""
 import numpy as np
 from data import DataError
 from data.tokenizer import EOT

@@ -105,3 +105,12 @@ def test_the_autoregressive_twin_trains_evaluates_and_samples(tiny_ar_run, capsy
   sample.main(["--ckpt", str(tiny_ar_run / "ckpt.safetensors"), "--prompt", "Once upon a time", "--length", "16"])
   out, err = capsys.readouterr()
   assert out.startswith("Once upon a time") and "░" not in out and "NFE 12" in err  # 4 prompt tokens, one evaluation per new token
+
+def test_one_long_text_trains_on_random_windows(tmp_path, capsys):
+  """A file with no end of text inside it (a book) has no stories to align windows with: train.py says it uses random
+  windows, and records that in the checkpoint so that --resume and sample.py know."""
+  book = tmp_path / "book.txt"
+  book.write_text(" ".join(f"Tom saw {i % 50} birds and a cat." for i in range(2000)))
+  train.main(["--preset", "tiny", "--data", str(book), "--steps", "2", "--eval-every", "2", "--out", str(tmp_path / "run")])
+  assert "| random windows |" in next(l for l in capsys.readouterr().out.splitlines() if l.startswith("device"))
+  assert model.load_checkpoint(str(tmp_path / "run" / "ckpt.safetensors"))[1]["args"]["windows"] == "random"
