@@ -197,7 +197,8 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__[__doc__.index("\n"):])
   p.add_argument("--ckpt", default="out/ckpt.safetensors", help="a checkpoint written by train.py")
   p.add_argument("--num-samples", type=int, default=1)
-  p.add_argument("--length", type=int, help="tokens per sample (default: the model's context, or the infilling template)")
+  p.add_argument("--length", type=int, help="tokens per sample (default: the model's context, or the infilling template); "
+                 "more than the context: written block by block, until every story has ended")
   p.add_argument("--steps", type=int, default=128, help="reverse-process steps")
   p.add_argument("--sampler", choices=["ancestral", "confidence"], default="ancestral",
                  help="ancestral is cached automatically when the model has no time conditioning")
