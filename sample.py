@@ -253,7 +253,7 @@ def main(argv=None):
   t0, tty, runs = time.perf_counter(), sys.stdout.isatty(), []
   for name, m in sides:
     Tensor.manual_seed(args.seed)
-    revealed_at, labels = np.where(gen, 1 << 30, -1)[None].repeat(args.num_samples, 0), [f"step 0  t = 1.000  0% revealed"]
+    revealed_at, labels = np.where(gen, 1 << 30, -1)[None].repeat(args.num_samples, 0), ["step 0  t = 1.000  0% revealed"]
     for k, (xs, s, nfe) in enumerate(reverse_process(m, init, args, stop), start=1):
       xs = xs.numpy()
       revealed_at[(revealed_at == 1 << 30) & (xs != cfg.mask_id)] = nfe if twin else k  # the race counts frames in NFE

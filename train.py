@@ -109,7 +109,7 @@ def make_evaluate(model, val, keep, args, mask_id, draws:int):
 
 def unconditional_sample(model, cfg, keep, windows, steps=64) -> str:
   x, first = np.full((1, cfg.seq_len), cfg.mask_id, np.int32), int(cfg.causal or windows != "random")
-  x[0, 0] = vocab.eot(keep) if first else x[0, 0]  # a story starts after an end of text, as the model was trained
+  if first: x[0, 0] = vocab.eot(keep)  # a story starts after an end of text, as the model was trained
   states = diffusion.sample_ar(model, Tensor(x), cfg.mask_id) if cfg.causal else diffusion.sample(model, Tensor(x), cfg.mask_id, steps, cache=not cfg.time_cond)
   for xs, _, _ in states: pass
   return vocab.decode(xs.numpy()[0][first:], keep)
