@@ -13,10 +13,10 @@ import numpy as np
 from tinygrad import Device, GlobalCounters, Tensor, dtypes, nn
 from tinygrad.helpers import ansistrip
 from tinygrad.uop.ops import Ops, sym_infer
-import diffusion
+import devices, diffusion
 from data import vocab
-from model import (PRESETS, Config, Denoiser, add_size_flags, check_size, device_name, devices, is_cpu, n_params, parameters, positive,
-                   prefer_cpu_backend, replicas, supported_dtype)
+from model import Config, Denoiser, n_params, parameters
+from settings import PRESETS, add_size_flags, check_size, fill, positive
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -29,8 +29,11 @@ def flops_per_token(cfg:Config) -> float:
 def train_step(model, cfg, args):
   """A train step on args.devices and a generator of random batches for it (speed does not depend on the data)."""
   opt = nn.optim.AdamW(list(parameters(model).values()), lr=1e-4, b1=0.9, b2=0.95, weight_decay=0.0)
-  step, rng, B, T = diffusion.train_step(replicas(model, args.devices), opt, cfg.mask_id), np.random.default_rng(0), args.batch_size, args.seq_len
-  return step, lambda: (rng.integers(0, cfg.vocab_size, (1, B, T), dtype=np.int32), rng.random((1, 1), dtype=np.float32), rng.random((1, B, T), dtype=np.float32))
+  def loss(m, x0, u_t, u_mask, rows):  # the plain NELBO with antithetic times, as train.py's default
+    return diffusion.nelbo(m, x0, diffusion.antithetic_times(rows[1], u_t)[rows[0]:rows[0] + x0.shape[0]], cfg.mask_id, u=u_mask)
+  step = devices.train_step(devices.replicas(model, args.devices), opt, loss)
+  rng, B, T = np.random.default_rng(0), args.batch_size, args.seq_len
+  return step, lambda: (rng.integers(0, cfg.n_tokens, (1, B, T), dtype=np.int32), rng.random((1, 1), dtype=np.float32), rng.random((1, B, T), dtype=np.float32))
 
 def bench_train(model, cfg, args) -> dict:
   step, data = train_step(model, cfg, args)
@@ -102,35 +105,34 @@ def bench_peer(args) -> dict:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__[__doc__.index("\n"):])
   add_size_flags(p)
-  p.add_argument("--steps", type=positive(int), default=10, help="timed train steps")
-  p.add_argument("--warmup", type=positive(int), default=2, help="untimed train steps first (the JIT captures on the second)")
-  p.add_argument("--sample-steps", type=positive(int), default=128)
-  p.add_argument("--sample-batch", type=positive(int), default=1)
+  p.add_argument("--steps", type=positive(), default=10, help="timed train steps")
+  p.add_argument("--warmup", type=positive(), default=2, help="untimed train steps first (the JIT captures on the second)")
+  p.add_argument("--sample-steps", type=positive(), default=128)
+  p.add_argument("--sample-batch", type=positive(), default=1)
   p.add_argument("--skip-sample", action="store_true")
   p.add_argument("--cost", action="store_true", help="count one step's operations and bytes (run with DEV=NULL NULL_ALLOW_COPYOUT=1: no kernel runs)")
-  p.add_argument("--top", type=positive(int), default=8, help="with --cost: how many of the costliest kernels to list")
+  p.add_argument("--top", type=positive(), default=8, help="with --cost: how many of the costliest kernels to list")
   p.add_argument("--one-device", action="store_true", help="train on one device even where the CPU has cores for two")
   p.add_argument("--torch", help="a Python with torch installed: also run the PyTorch peer and report the ratio")
   p.add_argument("--peer", default=os.path.join(HERE, "..", "shared", "bench", "torch_mdlm.py"))
   args = p.parse_args(argv)
-  prefer_cpu_backend()
-  args.preset = args.preset or ("small" if is_cpu() else "base")
-  for k, v in {**PRESETS[args.preset], "time_cond": True}.items():
-    if getattr(args, k) is None: setattr(args, k, v)
-  args.dtype = supported_dtype(args.dtype)
+  devices.prefer_cpu_backend()
+  args.preset = args.preset or ("small" if devices.is_cpu() else "base")
+  fill(args, PRESETS[args.preset], {"time_cond": True})
+  args.dtype = devices.supported_dtype(args.dtype)
   try: check_size(args)
   except ValueError as e: sys.exit(f"error: {e}")
-  args.devices = devices(args.batch_size, 1 if args.one_device else args.devices)
+  args.devices = devices.for_batch(args.batch_size, 1 if args.one_device else args.devices)
   if args.torch and not os.path.exists(args.peer): sys.exit(f"error: no PyTorch peer at {args.peer}: pass --peer PATH")
 
-  cfg = Config(vocab_size=args.vocab_size + 1 if args.vocab_size else vocab.n_tokens(None), seq_len=args.seq_len,  # + <unk>
+  cfg = Config(n_tokens=args.vocab_size + 1 if args.vocab_size else vocab.n_tokens(None), seq_len=args.seq_len,  # + <unk>
                dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, time_cond=args.time_cond)
   Tensor.manual_seed(0)
   model = Denoiser(cfg, dtype=args.dtype)
-  print(f"device {', '.join(map(device_name, args.devices))} | preset {args.preset} | {n_params(model) / 1e6:.2f}M parameters | vocab {cfg.vocab_size} | "
+  print(f"device {', '.join(map(devices.name, args.devices))} | preset {args.preset} | {n_params(model) / 1e6:.2f}M parameters | vocab {cfg.n_tokens} | "
         f"batch {args.batch_size} x {args.seq_len} | {args.dtype} | {flops_per_token(cfg) / 1e6:.1f} MFLOP/token", flush=True)
   result = {"preset": args.preset, "device": Device.DEFAULT, "train_devices": len(args.devices), "dtype": args.dtype, "params": n_params(model), "batch_size": args.batch_size,
-            "seq_len": args.seq_len, "dim": args.dim, "n_layers": args.n_layers, "vocab_size": cfg.vocab_size, "time_cond": cfg.time_cond}
+            "seq_len": args.seq_len, "dim": args.dim, "n_layers": args.n_layers, "vocab_size": cfg.n_tokens, "time_cond": cfg.time_cond}
   if args.cost:
     result |= bench_cost(model, cfg, args)
     print(f"cost: {result['kernels']} kernels, {result['gops']:,.0f} G operations = {result['ops_ratio']:.2f} x the model's FLOPs, "

@@ -4,9 +4,8 @@ NELBO that trains the denoiser, and the reverse process that samples from it.
 Time runs from t = 0 (clean data) to t = 1 (every token is MASK). α(t) is the probability that a token is
 still clean at time t. The denoiser is any function (x_t, t) -> logits over x_0; this file never builds one."""
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
-from tinygrad import Context, Device, Tensor, TinyJit, dtypes
+from tinygrad import Device, Tensor, TinyJit, dtypes
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 SCHEDULES = ("loglinear", "cosine")
@@ -32,17 +31,16 @@ def time_of(mask_prob, schedule:str="loglinear"):
   if schedule == "cosine": return (1 - mask_prob).acos() * (2 / math.pi) if isinstance(mask_prob, Tensor) else math.acos(1 - mask_prob) * 2 / math.pi
   raise ValueError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
 
-def antithetic_times(batch_size:int, u:Tensor|None=None, eps:float=1e-3, spread:int=0) -> Tensor:
-  """Times spread evenly over the batch with one random offset: the same expectation, much less variance.
-  spread: the size of the whole batch when this is a slice of it (its offset u then includes the slice's start)."""
+def antithetic_times(batch_size:int, u:Tensor|None=None, eps:float=1e-3) -> Tensor:
+  """(batch_size,) times spread evenly over [ε, 1] with one random offset u: the same expectation as independent
+  uniform times, much less variance."""
   u = Tensor.rand(1) if u is None else u
-  spread = spread or batch_size
-  return eps + (1 - eps) * ((u + Tensor.arange(batch_size) / spread) % 1)  # t_i = ε + (1−ε)·((u + i/B) mod 1)
+  return eps + (1 - eps) * ((u + Tensor.arange(batch_size) / batch_size) % 1)  # t_i = ε + (1−ε)·((u + i/B) mod 1)
 
-def mask_counts(batch_size:int, length:int, u:Tensor, spread:int=0) -> Tensor:
-  """Numbers of masked tokens for `nelbo_by_count`, spread evenly over 1..L across the batch with one random offset
-  (as `antithetic_times` spreads t): k_i = 1 + ⌊L·((u + i/B) mod 1)⌋."""
-  return 1 + (((u + Tensor.arange(batch_size) / (spread or batch_size)) % 1) * length).floor().cast(dtypes.int32)
+def mask_counts(batch_size:int, length:int, u:Tensor) -> Tensor:
+  """(batch_size,) numbers of masked tokens for `nelbo_by_count`, spread evenly over 1..L across the batch with one
+  random offset (as `antithetic_times` spreads t): k_i = 1 + ⌊L·((u + i/B) mod 1)⌋."""
+  return 1 + (((u + Tensor.arange(batch_size) / batch_size) % 1) * length).floor().cast(dtypes.int32)
 
 def forward_process(x0:Tensor, t:Tensor, mask_id:int, schedule:str="loglinear", u:Tensor|None=None) -> tuple[Tensor, Tensor]:
   """q(x_t | x_0): each token independently becomes MASK with probability 1 − α(t). Returns (x_t, masked)."""
@@ -90,63 +88,6 @@ def ar_nll(denoiser:Denoiser, x:Tensor) -> Tensor:
   clean prefix x_<i (no noise, no MASK, no t) and predicts x_i. (B,): each row's exact NLL in nats per predicted token."""
   log_p = denoiser(x[:, :-1], Tensor.zeros(x.shape[0], device=x.device)).log_softmax(-1).gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1)
   return -log_p.mean(-1)
-
-def train_step(replicas:list[tuple[Denoiser, list[Tensor]]], opt, mask_id:int, schedule:str="loglinear", grad_clip:float=1.0,
-               ema_params:list[Tensor]|None=None, objective:str="plain"):
-  """One optimizer step as two TinyJits: the gradient of the NELBO over the micro-batches, then global-norm clipping,
-  the optimizer and the weight average. `replicas` are (denoiser, its parameters), one per device, the first holding the
-  optimizer's parameters: each takes an equal slice of the batch, in its own thread. tinygrad runs a CPU kernel in the
-  calling thread, so on a CPU a second device (CPU:1) is a second core. All randomness comes in with the data
-  (x0: (A, B, T) micro-batches, u_t: (A, 1) time offsets, u_mask: (A, B, T) mask draws, numpy arrays), so a run can be
-  repeated exactly from its data generator, on any number of devices. ema_params, if given, are a weight average updated
-  with the decay passed to each step. objective: "plain" (`nelbo` with antithetic times, as the PyTorch peer), "count"
-  (the NELBO by `nelbo_by_count`, u_t offsetting the mask counts), or "ar" (the twin's `ar_nll`; u_t, u_mask unused)."""
-  n, params = len(replicas), replicas[0][1]
-
-  def gradient(denoiser:Denoiser, ps:list[Tensor]) -> TinyJit:
-    @TinyJit
-    @Context(TRAINING=1)
-    def grad(x0:Tensor, u_t:Tensor, u_mask:Tensor) -> tuple[Tensor, Tensor]:
-      for p in ps: p.grad = None
-      A, loss = x0.shape[0], Tensor.zeros((), device=x0.device)
-      for i in range(A):
-        b, L = x0.shape[1:]
-        if objective == "ar": micro = ar_nll(denoiser, x0[i]).mean()
-        elif objective == "count": micro = nelbo_by_count(denoiser, x0[i], mask_counts(b, L, u_t[i], spread=n * b), u_mask[i], mask_id, schedule).mean()
-        else: micro = nelbo(denoiser, x0[i], antithetic_times(b, u_t[i], spread=n * b), mask_id, schedule, u_mask[i])
-        (micro / A).backward()
-        loss = loss + micro.detach() / A
-      flat = Tensor.cat(*[p.grad.contiguous().flatten() for p in ps])  # contiguous: else every gradient fuses into one kernel
-      return loss.realize(flat), flat  # together: realized apart, the forward pass would run twice
-    return grad
-
-  @TinyJit
-  @Context(TRAINING=1)
-  def update(decay:Tensor, *grads:Tensor) -> Tensor:
-    g = sum(flat.to(params[0].device) for flat in grads) / n
-    g = g * (grad_clip / (g.square().sum().sqrt() + 1e-6)).minimum(1)  # g ← g · min(1, c / ‖g‖)
-    for p, part in zip(params, g.split([p.numel() for p in params])): p.grad = part.reshape(p.shape)
-    updates = opt.schedule_step()
-    for e, p in zip(ema_params or [], params): e.assign(decay * e + (1 - decay) * p)  # θ_ema ← d·θ_ema + (1 − d)·θ
-    copies = [rp.assign(p.to(rp.device)) for _, ps in replicas[1:] for rp, p in zip(ps, params)]
-    return Tensor.realize(*updates, *(ema_params or []), *copies)
-
-  for _, ps in replicas[1:]:
-    for rp, p in zip(ps, params): rp.assign(p.to(rp.device)).realize()
-  grads = [gradient(denoiser, ps) for denoiser, ps in replicas]
-  pool = ThreadPoolExecutor(max(1, n - 1))
-
-  def step(x0, u_t, u_mask, ema_decay:float=0.0) -> Tensor:
-    B, b = x0.shape[1], x0.shape[1] // n
-    if b * n != B: raise ValueError(f"the batch size {B} must be a multiple of the {n} devices")
-    inputs = [(Tensor(x0[:, j*b:(j+1)*b], device=ps[0].device), Tensor(u_t + j * b / B, device=ps[0].device),
-               Tensor(u_mask[:, j*b:(j+1)*b], device=ps[0].device)) for j, (_, ps) in enumerate(replicas)]
-    parallel = grads[0].cnt >= 2  # replaying a captured TinyJit is thread-safe; capturing one is not
-    futures = [pool.submit(g, *x) for g, x in zip(grads[1:], inputs[1:])] if parallel else []
-    results = [grads[0](*inputs[0])] + ([f.result() for f in futures] if parallel else [g(*x) for g, x in zip(grads[1:], inputs[1:])])
-    update(Tensor([ema_decay], device=params[0].device), *[flat for _, flat in results])
-    return sum(loss.to(params[0].device) for loss, _ in results) / n
-  return step
 
 # ***** the reverse process *****
 

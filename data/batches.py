@@ -12,6 +12,15 @@ from data.tokenizer import EOT
 WINDOWS = ("stories", "padded", "random")
 ALIGNED = 0.5  # the share of story-aligned windows, where windows != "random"
 
+def windows_of(run_args:dict) -> str:
+  """The windows a run trained on, from its saved settings (runs from before --windows drew them anywhere)."""
+  return run_args.get("windows") or "random"
+
+def reads_after_eot(run_args:dict) -> bool:
+  """Whether a model reads a story as what follows an end of text, so that sampling puts one first: it was trained on
+  story-aligned windows, or it is the autoregressive twin (its windows run on from an EOT as often as anything else)."""
+  return bool(run_args.get("causal")) or windows_of(run_args) != "random"
+
 def windows_fit(tokens, seq_len):
   """Raise if the stream can't fill one window: a smaller seq_len or more text is needed."""
   if len(tokens) < seq_len:

@@ -4,11 +4,14 @@ import math, os
 import numpy as np, pytest
 from tinygrad import Context, Device, Tensor, TinyJit, dtypes, nn
 from tinygrad.nn.state import get_state_dict
-from model import Config, Denoiser, devices, modulate, parameters, replicas, rmsnorm, supported_dtype
-from diffusion import SCHEDULES, antithetic_times, nelbo, train_step
+import argparse
+import devices
+from devices import replicas, supported_dtype
+from model import Config, Denoiser, modulate, parameters, rmsnorm
+from diffusion import SCHEDULES, antithetic_times, nelbo
 from test_diffusion import estimate
 
-CFG = Config(vocab_size=13, seq_len=16, dim=32, n_layers=2, n_heads=2)
+CFG = Config(n_tokens=13, seq_len=16, dim=32, n_layers=2, n_heads=2)
 
 def randomize_modulation(model:Denoiser):
   """adaLN-Zero starts every block as the identity; give the modulation weights values so the blocks act."""
@@ -18,7 +21,7 @@ def randomize_modulation(model:Denoiser):
 
 def inputs(seed=0, B=2):
   rng = np.random.default_rng(seed)
-  return Tensor(rng.integers(0, CFG.vocab_size + 1, size=(B, CFG.seq_len)).astype(np.int32)), Tensor(rng.uniform(0.1, 1, B).astype(np.float32))
+  return Tensor(rng.integers(0, CFG.n_tokens + 1, size=(B, CFG.seq_len)).astype(np.int32)), Tensor(rng.uniform(0.1, 1, B).astype(np.float32))
 
 def test_every_block_is_the_identity_at_init():
   Tensor.manual_seed(0)
@@ -29,7 +32,7 @@ def test_every_block_is_the_identity_at_init():
   cos, sin = model._rope[0], model._rope[1]
   for block in model.blocks: np.testing.assert_array_equal(block(h, c, cos, sin).numpy(), h.numpy())
   expected = rmsnorm(h) @ model.tok_emb.T   # final adaLN is zero too: logits = rmsnorm(emb) · embᵀ
-  np.testing.assert_allclose(model(x, t).numpy()[..., :CFG.vocab_size], expected.numpy()[..., :CFG.vocab_size], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(model(x, t).numpy()[..., :CFG.n_tokens], expected.numpy()[..., :CFG.n_tokens], rtol=1e-5, atol=1e-6)
 
 def test_subs_never_predicts_mask_or_padding():
   Tensor.manual_seed(1)
@@ -37,8 +40,8 @@ def test_subs_never_predicts_mask_or_padding():
   randomize_modulation(model)
   logits = model(*inputs()).numpy()
   assert CFG.padded_vocab == 64 and logits.shape[-1] == 64
-  assert np.isneginf(logits[..., CFG.vocab_size:]).all()          # MASK (= vocab_size) and padding
-  assert np.isfinite(logits[..., :CFG.vocab_size]).all()
+  assert np.isneginf(logits[..., CFG.n_tokens:]).all()          # MASK (= n_tokens) and padding
+  assert np.isfinite(logits[..., :CFG.n_tokens]).all()
   probs = Tensor(logits).softmax(-1).numpy()
   assert (probs[..., CFG.mask_id] == 0).all() and np.allclose(probs.sum(-1), 1, atol=1e-5)
 
@@ -48,9 +51,9 @@ def test_attention_is_bidirectional():
   randomize_modulation(model)
   x, t = inputs()
   changed = x.numpy().copy()
-  changed[:, -1] = (changed[:, -1] + 1) % CFG.vocab_size           # change only the last token
+  changed[:, -1] = (changed[:, -1] + 1) % CFG.n_tokens           # change only the last token
   a, b = model(x, t).numpy(), model(Tensor(changed), t).numpy()
-  assert np.abs(a[:, 0, :CFG.vocab_size] - b[:, 0, :CFG.vocab_size]).max() > 1e-4  # the first position sees it
+  assert np.abs(a[:, 0, :CFG.n_tokens] - b[:, 0, :CFG.n_tokens]).max() > 1e-4  # the first position sees it
 
 def test_the_causal_twin_never_sees_the_future():
   """Changing token j changes the twin's logits at j and after, never before it (and t is ignored)."""
@@ -60,8 +63,8 @@ def test_the_causal_twin_never_sees_the_future():
   x, t = inputs()
   for j in (1, CFG.seq_len // 2, CFG.seq_len - 1):
     changed = x.numpy().copy()
-    changed[:, j] = (changed[:, j] + 1) % CFG.vocab_size
-    a, b = model(x, t).numpy()[..., :CFG.vocab_size], model(Tensor(changed), t).numpy()[..., :CFG.vocab_size]
+    changed[:, j] = (changed[:, j] + 1) % CFG.n_tokens
+    a, b = model(x, t).numpy()[..., :CFG.n_tokens], model(Tensor(changed), t).numpy()[..., :CFG.n_tokens]
     np.testing.assert_array_equal(a[:, :j], b[:, :j])
     assert np.abs(a[:, j:] - b[:, j:]).max() > 1e-4
   np.testing.assert_array_equal(model(x, t).numpy(), model(x, t * 0.5).numpy())
@@ -72,7 +75,7 @@ def test_time_conditioning_changes_output_only_when_on():
     model = Denoiser(Config(**{**CFG.__dict__, "time_cond": time_cond}))
     randomize_modulation(model)
     x, _ = inputs()
-    early, late = (model(x, Tensor([t, t])).numpy()[..., :CFG.vocab_size] for t in (0.1, 0.9))
+    early, late = (model(x, Tensor([t, t])).numpy()[..., :CFG.n_tokens] for t in (0.1, 0.9))
     diff = np.abs(early - late).max()
     assert (diff > 1e-4) if time_cond else (diff == 0)
 
@@ -92,7 +95,7 @@ def trained():
   """300 steps on sequences that repeat one of four fixed patterns, without time conditioning."""
   Tensor.manual_seed(4)
   rng = np.random.default_rng(4)
-  cfg = Config(vocab_size=16, seq_len=16, dim=32, n_layers=2, n_heads=2, time_cond=False)
+  cfg = Config(n_tokens=16, seq_len=16, dim=32, n_layers=2, n_heads=2, time_cond=False)
   model = Denoiser(cfg)
   opt = nn.optim.AdamW(list(parameters(model).values()), lr=3e-3, b1=0.9, b2=0.95, weight_decay=0)
 
@@ -159,7 +162,7 @@ def test_half_precision_matches_float32_to_its_rounding(device, dtype):
     x, t = inputs()
     x, t = x.to(device), t.to(device)
     with Context(TRAINING=1):
-      loss = nelbo(model, x.clip(0, CFG.vocab_size - 1), t, CFG.mask_id, u=Tensor.full(x.shape, 0.5, device=device))
+      loss = nelbo(model, x.clip(0, CFG.n_tokens - 1), t, CFG.mask_id, u=Tensor.full(x.shape, 0.5, device=device))
       loss.backward()
     assert all(p.dtype == p.grad.dtype == dtypes.float32 for p in parameters(model).values())
     runs.append((loss.item(), np.concatenate([p.grad.numpy().ravel() for p in parameters(model).values()])))
@@ -168,23 +171,26 @@ def test_half_precision_matches_float32_to_its_rounding(device, dtype):
   assert abs(loss - loss32) < tol * loss32, (loss, loss32)
   assert np.linalg.norm(g - g32) < tol * np.linalg.norm(g32), np.linalg.norm(g - g32) / np.linalg.norm(g32)
 
-@pytest.mark.parametrize("n", [2, 4])
-def test_data_parallel_step_matches_one_device_and_the_average_follows_its_formula(n):
+@pytest.mark.parametrize("n,estimator", [(2, "plain"), (4, "count")])
+def test_data_parallel_step_matches_one_device_and_the_average_follows_its_formula(n, estimator):
   """The data-parallel step splits the batch over n CPU devices (`--devices n`) and averages the gradients: the weights
-  it reaches must be the single-device ones (and the same seed must give the same initial weights whatever the devices).
-  The weight average must be θ_ema ← d·θ_ema + (1 − d)·θ with the decay given to each step."""
+  it reaches must be the single-device ones (and the same seed must give the same initial weights whatever the devices),
+  with train.py's objective for each estimator (antithetic times or mask counts spread over the whole batch, each device
+  taking its rows' share). The weight average must be θ_ema ← d·θ_ema + (1 − d)·θ with the decay given to each step."""
+  import train
+  loss = train.objective(argparse.Namespace(causal=False, estimator=estimator, schedule="loglinear"), CFG.mask_id)
   rng = np.random.default_rng(3)
-  data = [(rng.integers(0, CFG.vocab_size, (1, 4, CFG.seq_len), dtype=np.int32), rng.random((1, 1), dtype=np.float32),
+  data = [(rng.integers(0, CFG.n_tokens, (1, 4, CFG.seq_len), dtype=np.int32), rng.random((1, 1), dtype=np.float32),
            rng.random((1, 4, CFG.seq_len), dtype=np.float32)) for _ in range(3)]
   runs = []
-  for devs in (devices(4, 1), devices(4, n)):
+  for devs in (devices.for_batch(4, 1), devices.for_batch(4, n)):
     Tensor.manual_seed(8)
     model, ema = Denoiser(CFG), Denoiser(CFG)
     params, ema_params = list(parameters(model).values()), list(parameters(ema).values())
     for e in ema_params: e.assign(Tensor.zeros(*e.shape)).realize()
     copies = replicas(model, devs)
     opt = nn.optim.SGD(params, lr=0.5)  # linear in the gradient (Adam's first steps amplify rounding in near-zero ones)
-    step = train_step(copies, opt, CFG.mask_id, ema_params=ema_params)
+    step = devices.train_step(copies, opt, loss, ema_params=ema_params)
     losses, expected = [], [np.zeros(e.shape, np.float32) for e in ema_params]
     for x, d in zip(data, (0.5, 0.9, 0.0)):
       losses.append(step(*x, ema_decay=d).item())
@@ -201,9 +207,9 @@ def test_an_opencl_driver_on_the_cpu_is_a_cpu():
   """With PoCL installed tinygrad picks CL by itself; the drivers must then behave as on the CPU backend (its preset and
   devices), and DEV=CL must still mean CL (named as a CPU)."""
   import subprocess, sys
-  from model import device_name, is_cpu
+  from devices import is_cpu, name as device_name
   assert is_cpu("CL") and is_cpu("CPU") and not is_cpu("NULL") and "a CPU" in device_name("CL")
   env = {k: v for k, v in os.environ.items() if k != "DEV"}
-  probe = "import model; from tinygrad import Device; a = Device.DEFAULT; model.prefer_cpu_backend(); print(a, Device.DEFAULT)"
+  probe = "import devices; from tinygrad import Device; a = Device.DEFAULT; devices.prefer_cpu_backend(); print(a, Device.DEFAULT)"
   out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert out.stdout.split() == ["CL", "CPU"], out.stderr[-500:]

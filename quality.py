@@ -1,0 +1,77 @@
+"""Sample quality, as the field measures it, for a set of texts, each figure a mean ± standard error over the texts:
+generative perplexity under an autoregressive judge, the entropy of each text's own token frequencies, the share of
+distinct 4-grams and of 8-grams copied from the training split. `sample.py --quality` prints them; `--sweep` runs the
+quality table (SWEEP) and plots it."""
+import json, math, sys
+import numpy as np
+from tinygrad import Tensor
+import diffusion
+from data import vocab
+from display import COLORS, line_plot
+
+def ngrams(ids, n:int) -> np.ndarray:
+  """One uint64 per n-gram of ids (each < 2^16): 4 tokens pack exactly into one, longer n-grams are hashed from their
+  4-token parts (a false match has odds ~1e-13 per lookup)."""
+  w, h = np.lib.stride_tricks.sliding_window_view(np.asarray(ids, np.uint64), n), np.uint64(0)
+  for j in range(0, n, 4):
+    h = h * np.uint64(0x9E3779B97F4A7C15) ^ (w[:, j:j + 4] << np.arange(0, 64, 16, dtype=np.uint64)[:min(4, n - j)]).sum(-1)
+  return h
+
+def entropy(ids) -> float:
+  """Entropy of a text's own token frequencies (nats): repetitive text has little, and games generative perplexity."""
+  p = np.unique(ids, return_counts=True)[1] / len(ids)
+  return float(-(p * np.log(p)).sum())
+
+def distinct(ids, n:int=4) -> float: return len(np.unique(ngrams(ids, n))) / (len(ids) - n + 1)  # 1 − repetition
+
+def copied(ids, train_grams:np.ndarray, n:int=8) -> float:
+  """The share of a text's n-grams that occur somewhere in the training split (train_grams: np.unique(ngrams(train, n)))."""
+  return float(np.isin(ngrams(ids, n), train_grams).mean())
+
+def judge_nll(judge, texts:np.ndarray, start:int) -> np.ndarray:
+  """Each text's NLL per token under an autoregressive judge that reads it after `start` (an end of text)."""
+  x = np.concatenate([np.full((len(texts), 1), start), texts], 1)[:, :judge.cfg.seq_len + 1]
+  return diffusion.ar_nll(judge, Tensor(x.astype(np.int32))).numpy()
+
+def mean_se(v) -> list[float]:
+  v = np.asarray(v, np.float64)
+  return [round(float(v.mean()), 4), round(float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0, 4)]
+
+def quality(texts:np.ndarray, judge, start:int, train_grams:np.ndarray) -> dict:
+  """The figures of texts (N, L), each [mean, standard error]; generative perplexity only with a judge."""
+  q = {"entropy": mean_se([entropy(t) for t in texts]), "distinct4": mean_se([distinct(t) for t in texts]),
+       "copied8": mean_se([copied(t, train_grams) for t in texts])}
+  if judge is not None:
+    nll = mean_se(judge_nll(judge, texts, start))
+    q |= {"judge_nll": nll, "gen_ppl": [round(math.exp(nll[0]), 2), round(math.exp(nll[0]) * nll[1], 2)]}  # delta method
+  return q
+
+def report(runs:list[tuple[np.ndarray, dict]], judge, keep, ds:dict, own:tuple[np.ndarray, dict]|None=None) -> list[dict]:
+  """The figures of each run's samples (texts (N, L), their settings), then of as many windows of held-out text and, if
+  given, of the judge's own samples: a line each on stderr for people, a JSON line each on stdout for scripts."""
+  grams = np.unique(ngrams(vocab.to_compact(ds["train"][:50_000_000], keep), 8))  # the first 50M tokens of very large data
+  L, start, n = runs[0][0].shape[1], vocab.eot(keep), len(runs[0][0])
+  rows = [("samples", *run) for run in runs] + [("validation text", vocab.to_compact(np.asarray(ds["val"][:n * L]), keep).reshape(-1, L), {})]
+  if own is not None: rows.append(("judge's own samples", *own))
+  out = []
+  for name, texts, extra in rows:
+    q = quality(texts, judge, start, grams)
+    cols = [f"{k} {v[0]:.3f} ± {v[1]:.3f}" for k, v in q.items() if k != "judge_nll"]
+    settings = "".join(f" {k} {v}" for k, v in extra.items() if k in ("sampler", "steps"))
+    print(f"{name:>20} (n={len(texts)}){settings}: " + " | ".join(cols), file=sys.stderr)
+    out.append({"rows": name, **extra, **q})
+    print(json.dumps(out[-1]), flush=True)
+  return out
+
+SWEEP = ([(s, 1.0, 1.0, n) for n in (8, 16, 32, 64, 128, 256) for s in ("ancestral", "confidence")] +
+         [("ancestral", 1.0, 1.0, 1024)] +
+         [(s, T, p, n) for T, p in ((0.8, 1.0), (1.0, 0.9), (0.8, 0.9)) for n in (32, 128) for s in ("ancestral", "confidence")])
+
+def plot(rows:list[dict], svg_path:str):
+  """Generative perplexity against network evaluations, one line per sampler setting (log-log), as an SVG."""
+  series = {}
+  for r in rows:
+    if r["rows"] == "samples":
+      series.setdefault(f"{r['sampler']} T={r['temperature']} p={r['top_p']}", []).append((r["nfe"], r["gen_ppl"][0]))
+  lines = [(name, pts, COLORS[i % len(COLORS)], 2) for i, (name, pts) in enumerate(series.items())]
+  line_plot(svg_path, lines, "network evaluations (log)", "generative perplexity (log)", log=True)
