@@ -6,12 +6,19 @@ optionally the PyTorch peer (../shared/bench/torch_mdlm.py) at the same config i
   CACHELEVEL=0 python bench.py --preset small                          # time to first step with a cold kernel cache
   DEV=NULL NULL_ALLOW_COPYOUT=1 python bench.py --preset base --cost     # what one step costs a GPU, measured on any machine
   DEV=NULL:NVCC:sm_90 NULL_ALLOW_COPYOUT=1 python bench.py --preset base --cost  # ... and compile every kernel for Hopper
+  python bench.py --preset base --profile --top 20                     # where one step's time goes, kernel by kernel
+  python bench.py --preset base --profile --search 12 --write-schedules s.json   # search the 12 slowest, pin, time again
+  python bench.py --preset base --schedules s.json                     # the train step with those schedules pinned
 
 The last line printed is one JSON object (scripts read it)."""
 import argparse, json, lzma, os, resource, subprocess, sys, tempfile, time
+from dataclasses import replace
 import numpy as np
 from tinygrad import Device, GlobalCounters, Tensor, dtypes, nn
-from tinygrad.helpers import ansistrip
+from tinygrad.codegen import to_program
+from tinygrad.codegen.opt import OptOps
+from tinygrad.engine import realize
+from tinygrad.helpers import Context, ansistrip, perf_counter_us
 from tinygrad.uop.ops import Ops, sym_infer
 import devices, diffusion
 from data import vocab
@@ -50,32 +57,97 @@ def bench_train(model, cfg, args) -> dict:
   return {"first_step_s": round(times[0], 2), "train_ms_per_step": round(ms, 1), "train_tok_per_s": round(tok / ms * 1000, 1),
           "train_gflops": round(flops_per_token(cfg) * tok / ms / 1e6, 2), "peak_mem_mb": round(peak / 2**20, 1)}
 
-def bench_cost(model, cfg, args) -> dict:
-  """One train step scheduled on tinygrad's NULL device, which runs nothing but counts each kernel's operations and the
-  bytes it moves through device memory: the GPU's two floors (ops / peak rate, bytes / bandwidth) without a GPU."""
-  from tinygrad.engine import realize
+def run_recorded(step, x, timed:bool) -> tuple[list[dict], float]:
+  """One call of step(*x) with a record of every kernel it runs: name, operations, bytes moved, whether tensor cores do
+  its matmul, its kernel key (devices.kernel_key) and, if timed, its time (the device is synchronized after each
+  kernel). The step must have been captured with JIT=2 for its kernels to run one by one rather than as a graph."""
   kernels, track = [], realize.track_stats
-  def tracked(ctx, call, *a):
-    if ctx.update_stats and call.src[0].op is Ops.PROGRAM:
+  def tracked(ctx, call, st, ets):
+    if ctx.update_stats and (prg := call.src[0]).op is Ops.PROGRAM:
+      if timed: Device[call.src[1].device if isinstance(call.src[1].device, str) else call.src[1].device[0]].synchronize()
       e = realize.estimate_uop(call)
-      kernels.append((call.src[0].arg.name, sym_infer(e.ops, ctx.var_vals), sym_infer(e.mem, ctx.var_vals)))
-    return track(ctx, call, *a)
-  step, data = train_step(model, cfg, args)
-  GlobalCounters.reset()
+      kernels.append({"name": ansistrip(prg.arg.name), "ops": sym_infer(e.ops, ctx.var_vals), "bytes": sym_infer(e.mem, ctx.var_vals),
+                      "tc": any(o.op is OptOps.TC for o in prg.src[0].arg.applied_opts),
+                      "key": devices.compiled[prg][0] if prg in devices.compiled else None,
+                      "s": float(perf_counter_us() - st) * 1e-6 if timed else None})
+    return track(ctx, call, st, ets)
   realize.track_stats = tracked
   try:
     t0 = time.perf_counter()
-    step(*data()).item()
-    first = time.perf_counter() - t0
+    step(*x).item()
+    return kernels, time.perf_counter() - t0
   finally: realize.track_stats = track
-  tokens = args.batch_size * args.seq_len
-  for key, label in ((1, "operations"), (2, "bytes")):
+
+def tc_share(kernels:list[dict]) -> float:
+  """The share of the step's operations in kernels that run on tensor cores."""
+  return sum(k["ops"] for k in kernels if k["tc"]) / max(1, sum(k["ops"] for k in kernels))
+
+def bench_cost(model, cfg, args) -> dict:
+  """One train step scheduled on tinygrad's NULL device, which runs nothing but counts each kernel's operations and the
+  bytes it moves through device memory: the GPU's two floors (ops / peak rate, bytes / bandwidth) without a GPU; on
+  NULL:NVCC:sm_90 every kernel is also compiled for Hopper, and tc_share says how much of the work runs on tensor cores."""
+  step, data = train_step(model, cfg, args)
+  GlobalCounters.reset()
+  kernels, first = run_recorded(step, data(), timed=False)
+  tokens, ops = args.batch_size * args.seq_len, GlobalCounters.global_ops
+  for key, label in (("ops", "operations"), ("bytes", "bytes")):
     print(f"top kernels by {label}:")
-    for name, ops, mem in sorted(kernels, key=lambda k: -k[key])[:args.top]:
-      print(f"  {ansistrip(name):40s} {ops / 1e9:10.3f} GOP {mem / 1e9:9.4f} GB")
-  return {"kernels": len(kernels), "gops": round(GlobalCounters.global_ops / 1e9, 3), "model_gflop": round(flops_per_token(cfg) * tokens / 1e9, 3),
-          "ops_ratio": round(GlobalCounters.global_ops / (flops_per_token(cfg) * tokens), 3), "gb_moved": round(GlobalCounters.global_mem / 1e9, 3),
-          "mb_per_token": round(GlobalCounters.global_mem / tokens / 1e6, 3), "first_step_s": round(first, 1)}
+    for k in sorted(kernels, key=lambda k: -k[key])[:args.top]:
+      print(f"  {k['name']:40s} {k['ops'] / 1e9:10.3f} GOP {k['bytes'] / 1e9:9.4f} GB{'  tensor cores' if k['tc'] else ''}")
+  missed = [k for k in kernels if k["name"].startswith("r") and not k["tc"] and k["ops"] > 0.005 * ops]
+  return {"kernels": len(kernels), "gops": round(ops / 1e9, 3), "model_gflop": round(flops_per_token(cfg) * tokens / 1e9, 3),
+          "ops_ratio": round(ops / (flops_per_token(cfg) * tokens), 3), "gb_moved": round(GlobalCounters.global_mem / 1e9, 3),
+          "mb_per_token": round(GlobalCounters.global_mem / tokens / 1e6, 3), "first_step_s": round(first, 1),
+          "tc_share": round(tc_share(kernels), 4), "big_reductions_without_tc": sorted({k["name"] for k in missed})}
+
+def profile(kernels:list[dict], top:int) -> list[dict]:
+  """Kernels grouped by key (a kernel that runs once per layer is one row), slowest first: calls, ms, achieved
+  GFLOP/s and GB/s, tensor cores or not."""
+  rows = {}
+  for k in kernels:
+    r = rows.setdefault(k["key"] or k["name"], {"name": k["name"], "key": k["key"], "calls": 0, "ms": 0.0, "ops": 0, "bytes": 0, "tc": k["tc"]})
+    r["calls"], r["ms"], r["ops"], r["bytes"] = r["calls"] + 1, r["ms"] + 1e3 * k["s"], r["ops"] + k["ops"], r["bytes"] + k["bytes"]
+  total = sum(r["ms"] for r in rows.values())
+  out = sorted(rows.values(), key=lambda r: -r["ms"])[:top]
+  for r in out:
+    r |= {"ms": round(r["ms"], 3), "share": round(r["ms"] / total, 4), "gflops": round(r["ops"] / r["ms"] / 1e6, 1),
+          "gbs": round(r["bytes"] / r["ms"] / 1e6, 1)}
+    print(f"  {r['name']:40s} x{r['calls']:<3d} {r['ms']:9.2f} ms {100 * r['share']:5.1f}% {r['gflops']:9.1f} GFLOP/s "
+          f"{r['gbs']:7.1f} GB/s{'  tensor cores' if r['tc'] else ''}", flush=True)
+  return out
+
+def bench_profile(model, cfg, args) -> dict:
+  """Where one train step's time goes, kernel by kernel, on one device; with --search N, also a BEAM search of the N
+  slowest kernels (BEAM=--beam), their schedules written to --write-schedules for `devices.pin`, and the step again
+  with them pinned."""
+  step, data = train_step(model, cfg, args)
+  for _ in range(args.warmup): step(*data()).item()
+  kernels, wall = run_recorded(step, data(), timed=True)
+  print(f"one step: {1e3 * wall:.1f} ms, {len(kernels)} kernels, {1e3 * sum(k['s'] for k in kernels):.1f} ms in kernels; the slowest:")
+  rows = profile(kernels, args.top)
+  out = {"step_ms": round(1e3 * wall, 2), "kernel_ms": round(1e3 * sum(k["s"] for k in kernels), 2), "tc_share": round(tc_share(kernels), 4),
+         "profile": [{k: r[k] for k in ("name", "calls", "ms", "share", "gflops", "gbs", "tc")} for r in rows]}
+  if not args.search: return out
+  asts = {key: ast for key, ast in devices.compiled.values()}
+  renderer, schedules = Device[args.devices[0]].renderer, []
+  for r in rows[:args.search]:
+    if r["key"] is None or r["key"] not in asts: continue
+    t0, ast = time.perf_counter(), asts[r["key"]]
+    searched = to_program(ast.replace(arg=replace(ast.arg, beam=args.beam)), renderer)
+    opts = searched.src[0].arg.applied_opts
+    schedules.append({"key": r["key"], "name": r["name"], "searched_name": ansistrip(searched.arg.name), "device": args.devices[0],
+                      "beam": args.beam, "opts": [[o.op.name, o.axis, list(o.arg) if isinstance(o.arg, tuple) else o.arg] for o in opts]})
+    print(f"searched {r['name']} ({r['ms']:.2f} ms a step): {len(opts)} opts in {time.perf_counter() - t0:.0f} s", flush=True)
+  if args.write_schedules:
+    with open(args.write_schedules, "w") as f: json.dump(schedules, f, indent=1)
+  devices.pin(schedules)
+  step, data = train_step(model, cfg, args)  # the same step, compiled again with the found schedules pinned
+  for _ in range(args.warmup): step(*data()).item()
+  kernels, wall = run_recorded(step, data(), timed=True)
+  print(f"with the {len(schedules)} schedules pinned: one step {1e3 * wall:.1f} ms, {1e3 * sum(k['s'] for k in kernels):.1f} ms in kernels")
+  rows = profile(kernels, args.top)
+  return out | {"searched": len(schedules), "pinned_step_ms": round(1e3 * wall, 2), "pinned_kernel_ms": round(1e3 * sum(k["s"] for k in kernels), 2),
+                "unmatched_schedules": len(devices.unmatched())}
 
 def bench_sample(model, cfg, args) -> dict:
   x = Tensor.full((args.sample_batch, cfg.seq_len), cfg.mask_id, dtype=dtypes.int32).contiguous()
@@ -111,18 +183,28 @@ def main(argv=None):
   p.add_argument("--sample-batch", type=positive(), default=1)
   p.add_argument("--skip-sample", action="store_true")
   p.add_argument("--cost", action="store_true", help="count one step's operations and bytes (run with DEV=NULL NULL_ALLOW_COPYOUT=1: no kernel runs)")
-  p.add_argument("--top", type=positive(), default=8, help="with --cost: how many of the costliest kernels to list")
+  p.add_argument("--top", type=positive(), default=8, help="with --cost or --profile: how many of the costliest kernels to list")
+  p.add_argument("--profile", action="store_true", help="time one train step kernel by kernel, on one device")
+  p.add_argument("--search", type=positive(), metavar="N", help="with --profile: BEAM-search the N slowest kernels, then "
+                 "time the step again with their schedules pinned (devices.pin)")
+  p.add_argument("--beam", type=positive(), default=2, help="with --search: the beam width (tinygrad's BEAM); default 2")
+  p.add_argument("--write-schedules", metavar="JSON", help="with --search: write the schedules found, for --schedules")
+  p.add_argument("--schedules", metavar="JSON", help="pin the schedules in this file (written by --write-schedules)")
   p.add_argument("--one-device", action="store_true", help="train on one device even where the CPU has cores for two")
   p.add_argument("--torch", help="a Python with torch installed: also run the PyTorch peer and report the ratio")
   p.add_argument("--peer", default=os.path.join(HERE, "..", "shared", "bench", "torch_mdlm.py"))
   args = p.parse_args(argv)
-  devices.prefer_cpu_backend()
+  devices.choose()
   args.preset = args.preset or ("small" if devices.is_cpu() else "base")
   fill(args, PRESETS[args.preset], {"time_cond": True})
   args.dtype = devices.supported_dtype(args.dtype)
   try: check_size(args)
   except ValueError as e: sys.exit(f"error: {e}")
-  args.devices = devices.for_batch(args.batch_size, 1 if args.one_device else args.devices)
+  if args.search and not args.profile: sys.exit("error: --search needs --profile")
+  args.devices = devices.for_batch(args.batch_size, 1 if args.one_device or args.profile else args.devices)
+  if args.schedules:
+    try: devices.pin(json.load(open(args.schedules)))
+    except (OSError, ValueError, KeyError, TypeError) as e: sys.exit(f"error: --schedules {args.schedules}: {e}")
   if args.torch and not os.path.exists(args.peer): sys.exit(f"error: no PyTorch peer at {args.peer}: pass --peer PATH")
 
   cfg = Config(n_tokens=args.vocab_size + 1 if args.vocab_size else vocab.n_tokens(None), seq_len=args.seq_len,  # + <unk>
@@ -138,6 +220,9 @@ def main(argv=None):
     print(f"cost: {result['kernels']} kernels, {result['gops']:,.0f} G operations = {result['ops_ratio']:.2f} x the model's FLOPs, "
           f"{result['gb_moved']:.1f} GB moved = {result['mb_per_token']:.2f} MB/token, first step {result['first_step_s']:.0f} s", flush=True)
     return print(json.dumps(result))
+  if args.profile:
+    with Context(JIT=2): result |= bench_profile(model, cfg, args)  # JIT=2: kernels one by one, not as a graph
+    return print(json.dumps(result))
   result |= bench_train(model, cfg, args)
   print(f"train: {result['train_ms_per_step']:.0f} ms/step, {result['train_tok_per_s']:,.0f} tokens/s, "
         f"{result['train_gflops']:.1f} GFLOP/s, peak device memory {result['peak_mem_mb']:.0f} MB", flush=True)
@@ -149,6 +234,7 @@ def main(argv=None):
     result["ratio_vs_torch"] = round(result["train_tok_per_s"] / result["torch_train_tok_per_s"], 3)
     print(f"PyTorch peer ({result['torch']}, {result['torch_threads']} threads): {result['torch_train_tok_per_s']:,.0f} tokens/s; "
           f"tinygrad / PyTorch = {result['ratio_vs_torch']:.2f}x", flush=True)
+  if args.schedules: result["unmatched_schedules"] = len(devices.unmatched())
   result["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
   print(json.dumps(result))
 

@@ -1,12 +1,16 @@
 """Where a run computes: the backend tinygrad picked, the dtype it computes in, the devices a batch is split over, and
 one optimizer step spread over them (data parallel). Shared by the drivers; the math it runs is diffusion.py's."""
-import ctypes, os, shutil
+import ctypes, os, shutil, sys
+from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 from tinygrad import Context, Device, Tensor, TinyJit
+from tinygrad.codegen.opt import KernelOptError, Opt, OptOps
 from tinygrad.dtype import to_dtype
+from tinygrad.engine import realize
 from tinygrad.helpers import DEV
 from tinygrad.nn.state import get_state_dict
+from tinygrad.uop.ops import Ops, UOp
 from model import Denoiser, parameters
 
 def is_cpu(device:str|None=None) -> bool:
@@ -26,6 +30,20 @@ def prefer_cpu_backend():
   atomic embedding backward). DEV=CL still selects it."""
   if not DEV.device and Device.DEFAULT.startswith("CL") and is_cpu() and shutil.which(os.environ.get("CC", "clang")):
     DEV.value = os.environ["DEV"] = "CPU"  # the environment too, for child processes, as tinygrad does
+
+def choose():
+  """The backend for this run: tinygrad's choice (DEV), with an OpenCL driver on the CPU traded for the CPU backend
+  (prefer_cpu_backend). Exits with one line that says what to install where tinygrad can compute nowhere (its CPU
+  backend compiles every kernel with clang; without it, and without a GPU, no backend is usable)."""
+  cc = os.environ.get("CC", "clang")
+  install = f"tinygrad's CPU backend compiles kernels with {cc}, which this machine lacks: install it (Linux: apt-get " \
+            f"install clang; macOS: xcode-select --install)"
+  try: backend = Device.DEFAULT.split(":")[0]
+  except Exception as e:
+    sys.exit(f"error: {install}, or run where tinygrad has a GPU backend" if not shutil.which(cc) else
+             f"error: tinygrad found no usable device ({type(e).__name__}: {e}): set DEV=CPU, CUDA, AMD, METAL or CL")
+  if backend == "CPU" and not shutil.which(cc): sys.exit(f"error: {install}, or set DEV to a GPU backend")
+  prefer_cpu_backend()
 
 def name(device:str|None=None) -> str:
   d = Device[device := device or Device.DEFAULT]
@@ -123,6 +141,7 @@ def train_step(reps:Replicas, opt, loss:Callable, grad_clip:float=1.0, ema_param
   copy_weights(reps)
   grads = [gradient(denoiser, ps, j) for j, (denoiser, ps) in enumerate(reps)]
 
+  @Context(**STEP_CONTEXT)
   def step(x0, u_t, u_mask, ema_decay:float=0.0) -> Tensor:
     B, b = x0.shape[1], x0.shape[1] // n
     if b * n != B: raise ValueError(f"the batch size {B} must be a multiple of the {n} devices")
@@ -132,3 +151,56 @@ def train_step(reps:Replicas, opt, loss:Callable, grad_clip:float=1.0, ema_param
     update(Tensor([ema_decay], device=params[0].device), *[flat for _, flat in results])
     return sum(total.to(params[0].device) for total, _ in results) / n
   return step
+
+# ***** compiling the step: what tinygrad is told when it turns the step's graph into kernels. Speed only: each leaves
+# the numbers as they are (tests/test_model.py, tests/test_bench.py) and names the backend it serves.
+
+# CUDA, AMD, METAL (the backends with tensor cores): tensor cores also for reductions over more than one axis. The weight
+# gradients of the gated Linears (proj, down) are such: the adaLN gate multiplies each Linear's output, its gradient
+# fuses into the weight gradient, and the reduction over B·T becomes two axes. tinygrad's default gives tensor cores only
+# to single-axis reductions: 14% of a `base` step's operations ran on ordinary cores (BENCHMARKS.md). No effect where
+# there are no tensor cores (an x86 CPU). Set around every call of the step: a TinyJit compiles its kernels when it
+# captures, after the captured function has returned.
+STEP_CONTEXT = dict(TC_OPT=1)
+
+def kernel_key(ast:UOp) -> str:
+  """A kernel's identity whatever device it runs on: its AST with the device of each buffer left out."""
+  params = {u: u.replace(arg=replace(u.arg, device=None)) for u in ast.toposort() if u.op is Ops.PARAM}
+  return ast.substitute(params).key.hex()
+
+pinned: dict[str, tuple[Opt, ...]] = {}  # kernel_key -> the schedule to apply, from `pin`
+compiled: dict[UOp, tuple[str, UOp]] = {}  # each compiled kernel (a PROGRAM) -> its kernel_key and its AST before opts
+
+def pin(schedules:list[dict]):
+  """Apply these schedules (from `bench.py --search`: kernel key, name, opts) whenever their kernels are compiled,
+  instead of tinygrad's heuristic or a search. A schedule whose opts no longer fit its kernel is a compile error that
+  names it; `unmatched` lists the schedules whose kernels were not compiled."""
+  pinned.update({s["key"]: tuple(Opt(OptOps[op], axis, tuple(arg) if isinstance(arg, list) else arg) for op, axis, arg in s["opts"])
+                 for s in schedules})
+
+def unmatched() -> list[str]: return sorted(set(pinned) - {key for key, _ in compiled.values()})
+
+def _lower_and_compile(linear:UOp) -> UOp:
+  """realize.lower_and_compile, with two changes before it: a pinned schedule becomes the kernel's opts_to_apply, and a
+  kernel for a further device of a backend (CPU:1) is lowered as the first device's (CPU): the same code, compiled
+  once (its buffers' devices are the call's, not the AST's)."""
+  subs, pins = {}, []
+  for call in linear.toposort():
+    if call.op is not Ops.CALL or (ast := call.src[0]).op is not Ops.SINK or realize._get_call_to_compile(call) is None: continue
+    new = ast.substitute({u: u.replace(arg=replace(u.arg, device=u.arg.device.split(":")[0])) for u in ast.toposort()
+                          if u.op is Ops.PARAM and isinstance(u.arg.device, str)})
+    if (key := kernel_key(ast)) in pinned:
+      new, pins = new.replace(arg=replace(new.arg, opts_to_apply=pinned[key])), pins + [key]
+    if new is not ast: subs[call] = call.replace(src=(new, *call.src[1:]))
+  try: out = _tinygrad_lower_and_compile(linear.substitute(subs) if subs else linear)
+  except KernelOptError as e:
+    if not pins: raise
+    raise KernelOptError(f"a pinned schedule no longer fits its kernel ({e}; kernels {', '.join(k[:12] for k in pins)}): "
+                         "search again with bench.py --profile --search") from e
+  for before, after in zip(linear.src, out.src):
+    if after.op is Ops.CALL and after.src[0].op is Ops.PROGRAM and before.src[0].op is Ops.SINK:
+      compiled[after.src[0]] = (kernel_key(before.src[0]), before.src[0])
+  return out
+
+# installed when this module is imported: every kernel the drivers compile goes through it
+_tinygrad_lower_and_compile, realize.lower_and_compile = realize.lower_and_compile, _lower_and_compile

@@ -1,22 +1,43 @@
-"""bench.py --cost: one train step scheduled on tinygrad's NULL device, whose operation count can never fall below the
-model's own FLOPs (bench.flops_per_token), and, where nvcc exists, every kernel of the step compiled for Hopper."""
+"""bench.py's modes, dry-run on tinygrad's NULL device (which schedules and counts every kernel, running none): --cost,
+whose operation count can never fall below the model's own FLOPs (bench.flops_per_token); where nvcc exists, every
+kernel of a step compiled for Hopper, its matmuls on tensor cores; --profile and --search end to end."""
 import json, os, shutil, subprocess, sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-def cost(dev:str) -> dict:
+def bench(dev:str, *flags:str) -> tuple[dict, str]:
   env = {**os.environ, "DEV": dev, "NULL_ALLOW_COPYOUT": "1"}
-  out = subprocess.run([sys.executable, "bench.py", "--preset", "tiny", "--cost", "--top", "3"], cwd=ROOT, env=env, capture_output=True, text=True)
+  out = subprocess.run([sys.executable, "bench.py", *flags], cwd=ROOT, env=env, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-2000:]
-  assert "top kernels by operations:" in out.stdout and "top kernels by bytes:" in out.stdout
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  return json.loads(out.stdout.strip().splitlines()[-1]), out.stdout
 
-@pytest.mark.parametrize("dev", ["NULL", "NULL:NVCC:sm_90"])
-def test_cost_report_counts_at_least_the_models_flops(dev):
-  if "NVCC" in dev and shutil.which("nvcc") is None: pytest.skip("no nvcc: the Hopper compile check needs CUDA's compiler")
-  r = cost(dev)
+def test_cost_report_counts_at_least_the_models_flops():
+  r, text = bench("NULL", "--preset", "tiny", "--cost", "--top", "3")
+  assert "top kernels by operations:" in text and "top kernels by bytes:" in text
   assert r["device"] == "NULL" and r["kernels"] > 50
   assert 1.0 <= r["ops_ratio"] < 2.0, r  # a step does at least the matmuls' FLOPs, and (tiny) not twice them
   # a step reads every weight and writes every gradient and both Adam moments at least once: 16 bytes per parameter
   assert r["gb_moved"] * 1e9 >= 16 * r["params"], r
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc: compiling the step for Hopper needs CUDA's compiler")
+def test_every_matmul_of_the_step_runs_on_tensor_cores_on_hopper():
+  """The `small` step in bfloat16, each kernel compiled for sm_90: no reduction with more than 0.5% of the step's
+  operations may miss the tensor cores (the weight gradients of the gated Linears did, before devices.STEP_CONTEXT).
+  float32 would not do: tinygrad's NULL device offers TF32 tensor cores that real CUDA leaves off by default."""
+  r, text = bench("NULL:NVCC:sm_90", "--preset", "small", "--dtype", "bfloat16", "--cost", "--top", "3")
+  assert r["kernels"] > 300 and 1.0 <= r["ops_ratio"] < 1.5, r
+  assert r["big_reductions_without_tc"] == [] and r["tc_share"] > 0.95, r
+  assert "tensor cores" in text
+
+def test_profile_and_search_run_end_to_end_and_write_schedules_that_pin(tmp_path):
+  """The GPU modes, dry-run on NULL: a per-kernel profile, a search of the two slowest kernels, their schedules written
+  and pinned by the step built again (every one found its kernel), then read back by --schedules."""
+  path = str(tmp_path / "schedules.json")
+  r, text = bench("NULL", "--preset", "tiny", "--profile", "--top", "5", "--search", "2", "--beam", "1", "--write-schedules", path)
+  assert len(r["profile"]) == 5 and {"name", "calls", "ms", "share", "gflops", "gbs", "tc"} <= set(r["profile"][0])
+  assert r["searched"] == 2 and r["unmatched_schedules"] == 0 and "with the 2 schedules pinned" in text
+  schedules = json.load(open(path))
+  assert len(schedules) == 2 and all(len(s["key"]) == 64 and s["opts"] is not None for s in schedules)
+  r, _ = bench("NULL", "--preset", "tiny", "--schedules", path, "--steps", "1", "--warmup", "1", "--skip-sample")
+  assert r["unmatched_schedules"] == 0
