@@ -119,7 +119,7 @@ def draw(logits:Tensor, noise:Tensor, temperature:float, top_p:float) -> Tensor:
 def time_grid(steps:int) -> list[float]: return [1 - i / steps for i in range(steps + 1)]
 
 def sample(denoiser:Denoiser, x:Tensor, mask_id:int, steps:int, schedule:str="loglinear", method:str="ancestral",
-           cache:bool=False, temperature:float=1.0, top_p:float=1.0) -> Iterator[tuple[Tensor, float, int]]:
+           cache:bool=False, temperature:float=1.0, top_p:float=1.0, choice_noise:float=0.0) -> Iterator[tuple[Tensor, float, int]]:
   """Run the reverse process from t = 1 to 0 and yield (x_s, s, NFE) after every step.
 
   x holds MASK where tokens are to be generated; every other position is frozen (a prompt, infilling context)
@@ -130,7 +130,10 @@ def sample(denoiser:Denoiser, x:Tensor, mask_id:int, steps:int, schedule:str="lo
     from p_θ(· | x_t). Each position's Gumbel noise is fixed for the whole run and used once, when it is
     revealed, so the draw is exact and the cached and uncached samplers give the same samples.
   confidence: each step reveals the most confident masked tokens (MaskGIT, LLaDA's low-confidence remasking),
-    as many as the schedule expects to be revealed between t and s."""
+    as many as the schedule expects to be revealed between t and s. choice_noise > 0 ranks them by
+    log p + choice_noise · t · G instead, G a Gumbel draw per position and step (MaskGIT's choice temperature, annealed
+    to 0 with t): the order of revealing becomes partly random, which keeps the sampler from choosing the most frequent
+    tokens first and repeating them. Not an exact sampler of p_θ at any setting: its bias is measured (BENCHMARKS.md)."""
   if method not in ("ancestral", "confidence"): raise ValueError(f"unknown sampler {method!r}: use ancestral or confidence")
   B, T = x.shape
   n_gen = (x == mask_id).sum(-1, keepdim=True).realize()  # positions to generate, per row
@@ -144,13 +147,14 @@ def sample(denoiser:Denoiser, x:Tensor, mask_id:int, steps:int, schedule:str="lo
     return tokens.realize(), logits.softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1).realize()
 
   @TinyJit
-  def reveal(x:Tensor, tokens:Tensor, confidence:Tensor, a_t:Tensor, a_s:Tensor) -> tuple[Tensor, Tensor]:
+  def reveal(x:Tensor, tokens:Tensor, confidence:Tensor, t:Tensor, a_t:Tensor, a_s:Tensor) -> tuple[Tensor, Tensor]:
     masked = x == mask_id
     if method == "ancestral":
       new = masked & (Tensor.rand(B, T) < (a_s - a_t) / (1 - a_t))  # reveal with probability (α(s) − α(t)) / (1 − α(t))
     else:
       k = masked.sum(-1, keepdim=True) - (n_gen * (1 - a_s)).round().cast(dtypes.int32)  # the schedule's expected reveals
-      c = masked.where(confidence, -1)
+      score = confidence.log() + choice_noise * t * gumbel(B, T).cast(confidence.dtype) if choice_noise else confidence
+      c = masked.where(score, -math.inf)
       idx = Tensor.arange(T)  # rank of each position in its row by confidence, ties broken by position
       rank = ((c.unsqueeze(1) > c.unsqueeze(2)) | ((c.unsqueeze(1) == c.unsqueeze(2)) & (idx.reshape(1, 1, T) < idx.reshape(1, T, 1)))).sum(-1)
       new = masked & (rank < k)
@@ -161,7 +165,7 @@ def sample(denoiser:Denoiser, x:Tensor, mask_id:int, steps:int, schedule:str="lo
     if tokens is None or not cache:
       if noise is None or method == "confidence": noise = gumbel(B, T, V).realize()
       (tokens, confidence), nfe = predict(x, Tensor([t] * B), noise), nfe + 1
-    x, changed = reveal(x, tokens, confidence, Tensor([alpha(t, schedule)]), Tensor([alpha(s, schedule)]))
+    x, changed = reveal(x, tokens, confidence, Tensor([t]), Tensor([alpha(t, schedule)]), Tensor([alpha(s, schedule)]))
     if cache and changed.item(): tokens = None  # x_t changed: the next step needs a fresh p_θ
     yield x, s, nfe
 

@@ -34,7 +34,7 @@ def add_size_flags(p:argparse.ArgumentParser):
   p.add_argument("--preset", choices=PRESETS, help="default: small on a CPU, base on a GPU")
   for key in ("dim", "n_layers", "n_heads", "seq_len", "batch_size"):
     p.add_argument("--" + key.replace("_", "-"), type=positive(), help=by_preset(key))
-  p.add_argument("--vocab-size", type=int, help="keep the K most frequent training tokens (+ <unk>); 0: all "
+  p.add_argument("--vocab-size", type=number(int, 0), help="keep the K most frequent training tokens (+ <unk>); 0: all "
                  f"of GPT-2; {by_preset('vocab_size')}")
   p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype; weights and optimizer stay "
                  f"float32; {by_preset('dtype')} (the next one down where the device lacks it)")
@@ -50,7 +50,6 @@ def fill(args, *sources:dict) -> argparse.Namespace:
   return args
 
 def check_size(args):
-  if args.vocab_size < 0: raise ValueError(f"--vocab-size must be >= 0, got {args.vocab_size}")
   if args.dim % args.n_heads or (args.dim // args.n_heads) % 2:
     raise ValueError(f"--dim {args.dim} must be a multiple of --n-heads {args.n_heads}, with an even head size")
   if getattr(args, "devices", None) and args.batch_size % args.devices:

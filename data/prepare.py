@@ -4,13 +4,13 @@ the PyTorch peer's load_tokens, so both projects train on identical streams.
 
   python -m data.prepare --data sample|tinystories|FILE
 """
-import argparse, hashlib, http.client, json, lzma, os, re, sys, time, urllib.error, urllib.request
+import argparse, codecs, hashlib, http.client, json, lzma, os, re, sys, time, urllib.error, urllib.request
 from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from data import DataError
 from data.tokenizer import EOT, SHA256, gpt2
 
-FORMAT = 1  # bump when the layout of the prepared files or the rules that make them change
+FORMAT = 2  # bump when the layout of the prepared files or the rules that make them change (2: BOM dropped, sha256)
 HERE = os.path.dirname(os.path.abspath(__file__))
 PREPARED, DOWNLOADS = os.path.join(HERE, "prepared"), os.path.join(HERE, "downloads")
 SAMPLE = {"train": "tinystories/train.txt.xz", "val": "tinystories/valid.txt.xz"}  # relative to data/
@@ -72,6 +72,7 @@ def documents(path, keep_last, what=None):
   last separator is dropped: in TinyStories files it is a story cut off mid-sentence."""
   with open(path, "rb") as raw, (lzma.open(raw) if path.endswith(".xz") else raw) as f:
     rest, size, t0, total = b"", CHUNK, time.perf_counter(), os.path.getsize(path)
+    if (head := f.read(3)) != codecs.BOM_UTF8: rest = head  # a byte-order mark (Windows Notepad) is not text
     while block := f.read(size):
       buf = rest + block
       cut = buf.rfind(SEP.encode(), max(0, len(rest) - len(SEP)))  # `rest` holds no separator: look only where one can end
@@ -145,6 +146,10 @@ def build(out, splits, keep_last, meta):
   atomic_write(os.path.join(out, "meta.json"), json.dumps(meta).encode())
   return meta
 
+def sha256(path) -> str:
+  """The content hash of a source file: prepared files are reused only for the same bytes (~1 s a GB)."""
+  with open(path, "rb") as f: return hashlib.file_digest(f, "sha256").hexdigest()
+
 def check(out, sources):
   """(meta, None) if the prepared files in out can be used, else (None, why not). They are used only when everything
   they were made from still matches; sources=None skips that part (TinyStories downloads deleted after preparing)."""
@@ -196,7 +201,7 @@ def load(source, explicit=False, root=None, log=print):
   name, splits, keep_last = dataset(source, explicit, root, log)
   out = os.path.join(root, name)
   sources = splits and [{"split": split, "file": os.path.relpath(p, HERE) if p.startswith(HERE) else p,
-                         "bytes": os.path.getsize(p)} for split, paths in splits.items() for p in paths]
+                         "bytes": os.path.getsize(p), "sha256": sha256(p)} for split, paths in splits.items() for p in paths]
   meta, stale = check(out, sources)
   if meta is None:
     log(f"{out}: {stale}; rebuilding" if stale else f"preparing {name} in {out}")

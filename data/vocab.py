@@ -2,7 +2,7 @@
 first) and every other id becomes <unk> = K; the model's MASK id is K+1. `keep` (keep[i] = GPT-2 id of compact id i)
 is all a checkpoint must store to decode anywhere. keep=None stands for the full GPT-2 vocabulary, where ids are
 GPT-2 ids and MASK is 50257."""
-import itertools
+import codecs, itertools
 import numpy as np
 from data import DataError
 from data.tokenizer import EOT, gpt2
@@ -52,6 +52,17 @@ def decode(compact_ids, keep):
     run = [int(i) for _, i in run]
     out.append(gpt2().decode(to_gpt2(run, keep).tolist()) if k == 0 else (UNK if k == 1 else MASK) * len(run))
   return "".join(out)
+
+def token_texts(compact_ids, keep) -> list[str]:
+  """The text of each token, such that the texts join to decode(ids): a character that GPT-2 splits over several tokens
+  (curly quotes, emoji, accents) belongs whole to the token that completes it, the ones before it show nothing, where
+  decoding each token alone would show U+FFFD for each part."""
+  out, utf8 = [], codecs.getincrementaldecoder("utf-8")("replace")
+  for i in np.asarray(compact_ids).reshape(-1):
+    if i >= (EOT + 1 if keep is None else len(keep)): out.append(utf8.decode(b"", final=True) + decode([i], keep)); continue
+    out.append(utf8.decode(gpt2().decode_single_token_bytes(int(to_gpt2([i], keep)[0]))))
+  if out: out[-1] += utf8.decode(b"", final=True)
+  return out
 
 def encode(text, keep):
   """Compact ids of a prompt (plain text: a literal <|endoftext|> in it is text, not EOT)."""

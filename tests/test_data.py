@@ -287,3 +287,22 @@ def test_offline_tinystories_falls_back_loudly_unless_explicit(tmp_path, monkeyp
   with pytest.raises(DataError, match="cannot download.*or use --data sample") as e:
     prepare.load("tinystories", explicit=True, root=str(tmp_path / "prepared"), log=lambda s: None)
   assert "\n" not in str(e.value)
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+  """Windows Notepad starts UTF-8 files with a BOM: the stream must be that of the same file without it."""
+  text = "Tom had a red ball.\n<|endoftext|>\nSam had a cat.\n" * 30
+  (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
+  (tmp_path / "plain.txt").write_bytes(text.encode())
+  a, b = (prepare.load(str(tmp_path / f), root=str(tmp_path / "prepared"), log=lambda s: None) for f in ("bom.txt", "plain.txt"))
+  assert np.array_equal(np.concatenate([a["train"], a["val"]]), np.concatenate([b["train"], b["val"]]))
+  assert vocab.decode(a["train"][:3], None) == "Tom had a"
+
+def test_prepared_data_is_rebuilt_when_the_file_changed_at_the_same_size(tmp_path):
+  path = tmp_path / "mine.txt"
+  path.write_text("Tom had a red ball. " * 200)
+  first = prepare.load(str(path), root=str(tmp_path / "prepared"), log=lambda s: None)["train"][:3].tolist()
+  path.write_text("Sam had a tan ball. " * 200)  # the same number of bytes
+  lines, log = logger()
+  again = prepare.load(str(path), root=str(tmp_path / "prepared"), log=log)["train"][:3].tolist()
+  assert vocab.decode(first, None) == "Tom had a" and vocab.decode(again, None) == "Sam had a"
+  assert len(lines) == 1 and "the source files changed" in lines[0]

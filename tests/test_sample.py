@@ -3,7 +3,7 @@ import json, re
 from html.parser import HTMLParser
 import numpy as np, pytest
 from tinygrad import Tensor
-import quality, sample
+import display, sample
 from data import vocab
 
 def run(capsys, tiny_run, *flags) -> tuple[str, str]:
@@ -105,67 +105,60 @@ def test_bad_prompts_are_one_line_errors(tiny_run, flags, message):
   with pytest.raises(SystemExit) as e: sample.main(["--ckpt", str(tiny_run / "ckpt.safetensors"), *flags])
   assert str(e.value.code).startswith("error:") and message in str(e.value.code) and "\n" not in str(e.value.code)
 
-def test_missing_or_broken_checkpoints_are_one_line_errors(tmp_path):
-  with pytest.raises(SystemExit) as e: sample.main(["--ckpt", str(tmp_path / "none.safetensors")])
-  assert "run `python train.py` first" in str(e.value.code)
-  (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-  with pytest.raises(SystemExit) as e: sample.main(["--ckpt", str(tmp_path / "junk.safetensors")])
-  assert str(e.value.code).startswith("error:") and "not a readable tinymdlm checkpoint" in str(e.value.code)
-
-# ***** --quality *****
-
-def test_text_statistics_on_known_cases():
-  assert quality.entropy([7, 7, 7, 7]) == 0 and quality.entropy([1, 2, 1, 2]) == pytest.approx(np.log(2))
-  assert quality.distinct([1, 2, 1, 2, 1, 2]) == pytest.approx(2 / 3) and quality.distinct(list(range(10))) == 1
-  grams = quality.ngrams(np.arange(12), 8)           # hashed (n > 4): still one value per distinct n-gram
-  assert len(grams) == 5 and len(np.unique(grams)) == 5 and (quality.ngrams([3, 4, 5, 6], 4) == 3 + (4 << 16) + (5 << 32) + (6 << 48)).all()
-
-def test_copying_finds_a_planted_copy():
-  rng = np.random.default_rng(0)
-  train = rng.integers(0, 8000, 100_000)
-  text = np.concatenate([train[5000:5030], rng.integers(0, 8000, 70)])  # 30 copied tokens, then 70 new ones
-  share = quality.copied(text, np.unique(quality.ngrams(train, 8)))
-  assert share == (30 - 8 + 1) / (100 - 8 + 1)     # exactly the 8-grams inside the copied span
-  assert quality.copied(rng.integers(0, 8000, 100), np.unique(quality.ngrams(train, 8))) == 0
-
-def test_judge_perplexity_of_its_own_greedy_text():
-  """Greedy text is the judge's argmax at every step, so its NLL is −log max p, computed here prefix by prefix."""
+def test_a_checkpoint_that_cannot_be_read_says_why_and_never_to_delete_it(tmp_path, tiny_run):
+  """Not there, a directory, not a safetensors file, a safetensors file of something else, a newer version's."""
+  import checkpoint
   from tinygrad import Tensor
-  from model import Config, Denoiser
-  import diffusion
-  Tensor.manual_seed(3)
-  judge = Denoiser(Config(n_tokens=40, seq_len=12, dim=32, n_layers=2, n_heads=2, causal=True))
-  for p in [b.ada for b in judge.blocks] + [judge.ada_final]: p.bias.assign(Tensor.randn(*p.bias.shape)).realize()  # sharpen it
-  init = np.array([[5] + [40] * 11], np.int32)
-  text = [x for x, _, _ in diffusion.sample_ar(judge, Tensor(init), 40, temperature=0)][-1].numpy()[:, 1:]
-  want = np.mean([-Tensor(judge(Tensor(np.r_[5, text[0]][None, :i].astype(np.int32)), Tensor([0.0])).numpy()[0, -1]).log_softmax().max().item()
-                  for i in range(1, 12)])
-  q = quality.quality(text, judge, 5, np.zeros(0, np.uint64))
-  assert q["judge_nll"][0] == pytest.approx(want, rel=1e-4) and q["gen_ppl"][0] == pytest.approx(np.exp(want), rel=1e-3)
-  assert q["copied8"][0] == 0
+  def error(path) -> str:
+    with pytest.raises(SystemExit) as e: sample.main(["--ckpt", str(path)])
+    assert str(e.value.code).startswith("error:") and "\n" not in str(e.value.code) and "delete" not in str(e.value.code)
+    return str(e.value.code)
+  assert "run `python train.py` first" in error(tmp_path / "none.safetensors")
+  assert "is a directory: pass the checkpoint in it" in error(tiny_run) and str(tiny_run / "ckpt.safetensors") in error(tiny_run)
+  (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+  assert "is not a checkpoint" in error(tmp_path / "junk.safetensors")
+  checkpoint.save(str(tmp_path / "other.safetensors"), {"w": Tensor.ones(2, 2).contiguous()}, {"note": "someone else's"})
+  assert "not a tinymdlm checkpoint" in error(tmp_path / "other.safetensors")
+  tensors, meta = checkpoint.load(str(tiny_run / "ckpt.safetensors"))
+  checkpoint.save(str(tmp_path / "newer.safetensors"), tensors, {**meta, "format": checkpoint.FORMAT + 1})
+  assert "newer tinymdlm" in error(tmp_path / "newer.safetensors")
 
-def test_quality_mode_prints_every_row(capsys, tiny_run, tiny_ar_run):
-  sample.main(["--ckpt", str(tiny_run / "ckpt.safetensors"), "--steps", "8", "--num-samples", "3", "--quality", "--judge", str(tiny_ar_run / "ckpt.safetensors")])
-  rows = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
-  assert [r["rows"] for r in rows] == ["samples", "validation text", "judge's own samples"]
-  for r in rows: assert 0 < r["entropy"][0] < np.log(32) and 0 < r["distinct4"][0] <= 1 and 0 <= r["copied8"][0] <= 1 and r["gen_ppl"][0] > 1
-  assert rows[0]["nfe"] == 8 and rows[2]["nfe"] == 31  # the judge writes a context's worth after its start token
-  assert rows[1]["copied8"][0] < 0.5  # held-out stories are not in the training split
-  with pytest.raises(SystemExit) as e: sample.main(["--ckpt", str(tiny_run / "ckpt.safetensors"), "--steps", "2", "--quality", "--judge", str(tiny_run / "ckpt.safetensors")])
-  assert "not an autoregressive twin" in str(e.value.code)
+@pytest.mark.parametrize("flags", [["--temperature", "nan"], ["--temperature", "inf"], ["--temperature", "-1"], ["--top-p", "0"],
+                                   ["--top-p", "nan"], ["--steps", "0"], ["--num-samples", "-3"], ["--length", "1e3"],
+                                   ["--fps", "inf"], ["--seed", "-1"], ["--quality", "--length", "3"]])
+def test_numbers_that_make_no_sense_are_refused_before_anything_runs(flags, capsys):
+  with pytest.raises(SystemExit) as e: sample.parse_args(flags)
+  assert e.value.code == 2 and "error" in capsys.readouterr().err
 
-def test_the_quality_plot_draws_one_line_per_sampler_setting_in_nfe_order(tmp_path):
-  """sample.plot (the --sweep figure): log-log, one polyline per (sampler, temperature, top-p), its points by NFE."""
-  import re
-  from quality import plot
-  rows = [{"rows": "samples", "sampler": s, "temperature": 1.0, "top_p": 1.0, "nfe": n, "gen_ppl": [ppl, 1.0]}
-          for s, pts in (("ancestral", [(64, 600.0), (8, 1100.0), (32, 590.0)]), ("confidence", [(8, 130.0), (64, 22.0)])) for n, ppl in pts]
-  rows.append({"rows": "validation text", "gen_ppl": [16.0, 2.0]})  # reference rows are not drawn
-  plot(rows, str(tmp_path / "q.svg"))
-  svg = (tmp_path / "q.svg").read_text()
-  lines = [[tuple(map(float, p.split(","))) for p in pts.split()] for pts in re.findall(r'<polyline points="([^"]+)"', svg)]
-  assert len(lines) == 2 and [len(p) for p in lines] == [3, 2] and "ancestral T=1.0 p=1.0" in svg
-  (a8, a32, a64), (c8, c64) = lines
-  assert a8[0] < a32[0] < a64[0] and a8[0] == c8[0] and a64[0] == c64[0]  # x: NFE, shared scale
-  assert c64[1] == max(y for p in lines for _, y in p) and a8[1] == min(y for p in lines for _, y in p)  # y: lower PPL lower down
-  assert abs((a32[0] - a8[0]) - (a64[0] - a32[0]) * 2) < 1e-6  # log scale: 8 → 32 is twice 32 → 64
+def test_markers_that_are_not_quite_markers_and_huge_ones_are_refused_before_any_allocation():
+  for prompt in ("Tom had a [mask*3] dog.", "[Mask]", "a [MASK*-2] b", "a [ MASK ] b"):
+    with pytest.raises(ValueError, match="malformed marker"): sample.template(prompt, None, None, 32, 50257)
+  with pytest.raises(ValueError, match="more than the model context"): sample.template("[MASK*99999999999]", None, None, 32, 50257)
+  with pytest.raises(ValueError, match="more than 100 contexts"): sample.template("", None, 10**12, 32, 50257)
+
+def test_it_says_what_it_loaded_and_where_it_wrote(capsys, tiny_run, tmp_path):
+  _, err = run(capsys, tiny_run, "--html", str(tmp_path / "p.html"))
+  assert f"{tiny_run / 'ckpt.safetensors'}: MDLM, preset tiny, step 20 of 20, val NELBO" in err and "raw weights" in err
+  assert "word salad" in err and f"wrote {tmp_path / 'p.html'}" in err  # 20 steps: said why the text is poor
+
+def test_the_page_shows_characters_split_over_tokens_whole(capsys, tiny_run, tmp_path):
+  """GPT-2 writes a curly quote as two tokens; decoded one token at a time each would be U+FFFD."""
+  run(capsys, tiny_run, "--prompt", "Tom said “hi” and didn’t [MASK*5].", "--html", str(tmp_path / "q.html"))
+  data = json.loads(re.search(r'application/json">(.*?)</script>', (tmp_path / "q.html").read_text(), re.S)[1])
+  text = "".join(data["samples"][0]["tokens"])
+  assert text.startswith("Tom said “") and "” and didn’" in text and "\ufffd" not in text  # ("hi", "t": <unk> at K = 512)
+  assert "overflow-wrap:anywhere" in (tmp_path / "q.html").read_text()  # an all-masked frame is one long word
+
+def test_frames_never_write_control_characters_and_fall_back_to_snapshots_when_taller_than_the_window(capsys, monkeypatch):
+  keep = None
+  from data.tokenizer import gpt2
+  controls = [gpt2().encode_single_token(b) for b in (b"\x08", b"\x11")]  # GPT-2 has a token for every byte
+  tokens = np.array(vocab.encode("Tom", keep).tolist() + controls + vocab.encode(" ran.", keep).tolist())
+  text = display.frame_text(tokens, np.zeros(len(tokens), int), 1, keep, 50257, color=True)
+  assert "\x08" not in text and "\x11" not in text and "␈" in text and "Tom" in text
+  monkeypatch.setattr(display.shutil, "get_terminal_size", lambda: __import__("os").terminal_size((20, 4)))
+  texts = [("", tokens, np.zeros(len(tokens), int), 1)] * 3  # three samples: taller than 4 rows
+  assert display.show("step 1", texts, 0, np.ones(len(tokens), bool), keep, 50257, True, 1000) is False
+  out = capsys.readouterr().out
+  assert "\x1b[H" not in out and "snapshots instead" in out and "-" * 40 in out
+
