@@ -168,7 +168,9 @@ def bench_peer(args) -> dict:
       with open(paths[split], "wb") as f: f.write(lzma.decompress(open(os.path.join(HERE, "data", "tinystories", f"{split}.txt.xz"), "rb").read()))
     cmd = [args.torch, args.peer, "--train", paths["train"], "--val", paths["valid"], "--dim", str(args.dim), "--layers", str(args.n_layers),
            "--heads", str(args.n_heads), "--seq-len", str(args.seq_len), "--batch", str(args.batch_size), "--vocab-size", str(args.vocab_size),
-           "--steps", str(args.steps + 2), "--eval-every", str(10**9), "--eval-windows", "8", "--eval-samples", "1"]
+           "--steps", str(args.steps + 2), "--eval-every", str(10**9), "--eval-windows", "8", "--eval-samples", "1",
+           "--device", {"CUDA": "cuda", "NV": "cuda", "METAL": "mps"}.get(Device.DEFAULT.split(":")[0], "cpu"),
+           "--dtype", "bfloat16" if args.dtype == "bfloat16" else "float32"]
     out = subprocess.run(cmd, capture_output=True, text=True)
   if out.returncode: sys.exit(f"error: the PyTorch peer failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
   summary = json.loads(out.stdout.strip().splitlines()[-1])

@@ -48,7 +48,7 @@ def load(path:str, missing:str="run `python train.py` first, or pass --ckpt") ->
   if "config" not in meta: raise ValueError(f"{path} is a safetensors file but not a tinymdlm checkpoint (no model config in it)")
   if meta.get("format", 1) > FORMAT:
     raise ValueError(f"{path} was written by a newer tinymdlm (checkpoint format {meta['format']}, this one reads {FORMAT}): update")
-  return {k: Tensor(np.ascontiguousarray(a)) for k, a in arrays.items()}, meta
+  return {k: Tensor(np.array(a)) for k, a in arrays.items()}, meta  # a copy: CUDA cannot copy from read-only memory
 
 def config(meta:dict) -> Config:
   """The network's Config from a checkpoint's metadata (checkpoints from before Config.n_tokens say vocab_size)."""

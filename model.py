@@ -1,7 +1,7 @@
 """The denoiser: a bidirectional transformer with adaLN-Zero time conditioning (a DiT, Peebles & Xie 2023) that reads a
 partly masked sequence x_t and returns logits for the clean tokens x_0 at every position. Read bottom-up: the
 config, the pieces of a block, the block, the denoiser; then the speed devices, each beside the formula it computes."""
-import math
+import functools, math, operator
 from dataclasses import dataclass
 from tinygrad import Context, Tensor, dtypes, nn
 from tinygrad.dtype import to_dtype
@@ -23,9 +23,10 @@ class Config:
   @property
   def mask_id(self) -> int: return self.n_tokens
   @property
-  def padded_vocab(self) -> int: return (self.n_tokens + 1 + 63) // 64 * 64  # tokens + MASK, rounded up for fast matmuls
+  def padded_vocab(self) -> int: return (self.n_tokens + 1 + 63) // 64 * 64  # tokens + MASK, rounded up (fast matmuls)
 
-def rmsnorm(x:Tensor, eps=1e-6) -> Tensor: return x * (x.float().square().mean(-1, keepdim=True) + eps).rsqrt().cast(x.dtype)
+def rmsnorm(x:Tensor, eps=1e-6) -> Tensor:
+  return x * (x.float().square().mean(-1, keepdim=True) + eps).rsqrt().cast(x.dtype)
 
 def modulate(x:Tensor, shift:Tensor, scale:Tensor) -> Tensor: return (rmsnorm(x) * (1 + scale) + shift).contiguous()
 
@@ -43,7 +44,8 @@ def rope(x:Tensor, cos:Tensor, sin:Tensor) -> Tensor:
 class Linear(nn.Linear):
   """A linear layer that computes in its input's dtype: float32 master weights, bfloat16/float16 matmuls."""
   def __call__(self, x:Tensor) -> Tensor:
-    return x.linear(self.weight.cast(x.dtype).T, None if self.bias is None else self.bias.cast(x.dtype))
+    if self.bias is None: return linear(x, self.weight.cast(x.dtype))  # its weight gradient: see the speed devices
+    return x.linear(self.weight.cast(x.dtype).T, self.bias.cast(x.dtype))
 
 def zero_linear(d_in:int, d_out:int) -> Linear:
   """adaLN-Zero: modulation starts at zero, so every block is the identity at initialisation."""
@@ -115,7 +117,7 @@ def n_params(model:Denoiser) -> int: return sum(v.numel() for v in parameters(mo
 
 def stored(x:Tensor) -> Tensor:
   """x, computed once into a buffer. Tensors built from arange have no device, so .contiguous() leaves them lazy and
-  every kernel that reads them recomputes them (sin/cos/pow in software, inside the attention backward). All backends."""
+  every kernel that reads them recomputes them (sin/cos/pow in software, in the attention backward). All backends."""
   return Tensor.empty(*x.shape, dtype=x.dtype).assign(x).realize()
 
 def embed(table:Tensor, ids:Tensor, dtype=None, atomic:bool|None=None) -> Tensor:
@@ -138,7 +140,7 @@ def _onehot_embed_grad(g:UOp, call:UOp) -> tuple[UOp, None, None]:
   # call.src[1:] are _onehot_embed's arguments: table (vocab, D), ids, onehot (vocab, tokens); g: (B, T, D)
   # ∂L/∂table = onehot · g, summed in float32; ids and onehot get no gradient
   table, onehot = call.src[1], Tensor(call.src[3])
-  # contiguous: else it fuses with the tied head's weight gradient into one two-reduction kernel that has no tensor cores
+  # contiguous: else it fuses with the tied head's weight gradient into one two-reduction kernel without tensor cores
   grad = onehot.matmul(Tensor(g).reshape(-1, table.shape[1]), dtype=dtypes.float32)  # (vocab, D)
   return grad.cast(table.dtype).contiguous().uop, None, None
 
@@ -153,13 +155,40 @@ def _by_rows(w:Tensor, f, dim:int) -> Tensor:
   if n == w.shape[0] or not str(w.device).startswith("CPU"): return f(w)
   return f(w[:n]).contiguous().cat(f(w[n:]).contiguous(), dim=dim)
 
+SPLIT_ROWS = 1024  # W's rows per chunk in _split_k: one CPU's `small` step 2.66 s (512), 2.44-2.53 (1024), 2.63 (2048)
+
+def _split_k(g:UOp, w:UOp) -> UOp:
+  """g·W (g: (..., V), W: (V, D)) as a sum over chunks of W's rows: each chunk stays in a core's cache while all of g's
+  rows pass it. CPU only: in one piece the `small` head's input gradient took 860 ms, a quarter of the step."""
+  if not str(w.device).startswith("CPU") or w.shape[0] <= SPLIT_ROWS: return g @ w
+  return functools.reduce(operator.add, [(g[..., i:i + SPLIT_ROWS] @ w[i:i + SPLIT_ROWS]).contiguous()
+                                       for i in range(0, w.shape[0], SPLIT_ROWS)])
+
+def _linear_grad(g:UOp, call:UOp) -> tuple[UOp, UOp]:
+  # call.src[1:] are linear's arguments: x (..., in) and w (out, in); g = ∂L/∂y (..., out)
+  # ∂L/∂x = g·W; ∂L/∂W = gᵀ·x, a sum over the B·T tokens, which both operands store a row apart. On a CPU the one with
+  # more features is written out transposed first, which tinygrad's tiling handles far faster: the up and down weight
+  # gradients were the `small` step's slowest kernels (2 x 219 ms of 2.13 s, one CPU; 1.79 s with this). Square: no gain
+  x, w = Tensor(call.src[1]), Tensor(call.src[2])
+  g, xs = Tensor(g).reshape(-1, w.shape[0]), x.reshape(-1, w.shape[1])  # (B·T, out), (B·T, in)
+  if not str(w.device).startswith("CPU") or w.shape[0] == w.shape[1]: dw = g.T @ xs
+  elif w.shape[0] > w.shape[1]: dw = g.T.contiguous() @ xs
+  else: dw = (xs.T.contiguous() @ g).T
+  return (g @ w).reshape(x.shape).uop, dw.uop
+
+@function(grad_fxn=_linear_grad)
+def linear(x:Tensor, w:Tensor) -> Tensor:
+  """y = x·Wᵀ: x (..., in), W (out, in), with the backward above. CPU: the weight gradient's faster layout."""
+  return x @ w.T
+
 def _tied_head_grad(g:UOp, call:UOp) -> tuple[UOp, UOp]:
   # call.src[1:] are tied_head's arguments: h (B, T, D) and w (V, D); g = ∂L/∂logits (B, T, V)
-  # ∂L/∂h = g·W and ∂L/∂W = gᵀ·h, with gᵀ written out once: read in place, its stride over tokens makes that matmul ~4x slower
+  # ∂L/∂h = g·W and ∂L/∂W = gᵀ·h, with gᵀ written out once: read in place, its stride over tokens makes that matmul
+  # ~4x slower
   h, w = call.src[1:]
   g = g.contiguous()
   gT, h = g.reshape(-1, g.shape[-1]).T.contiguous(), h.reshape(-1, h.shape[-1])  # (V, B·T), (B·T, D)
-  return g @ w, _by_rows(gT, lambda rows: rows @ h, dim=0)
+  return _split_k(g, w), _by_rows(gT, lambda rows: rows @ h, dim=0)
 
 @function(grad_fxn=_tied_head_grad)
 def tied_head(h:Tensor, w:Tensor) -> Tensor:

@@ -124,23 +124,28 @@ def test_without_time_conditioning_the_bound_does_not_depend_on_the_schedule(tra
   assert abs(a - b) < 4 * math.hypot(se_a, se_b), estimates
   assert math.log(4) / 16 - 4 * se_a < a < 0.25 * math.log(16)  # a bound: never below the data's entropy, log 4 / 16
 
-def test_fast_paths_compute_the_plain_formulas_and_their_gradients():
-  """embed() and tied_head() exist for speed (an atomic or a one-hot-matmul backward, a custom head backward, a row split):
-  they must give the numbers, and the gradients, of plain indexing and a plain matmul."""
-  from model import embed, tied_head
+def test_fast_paths_compute_the_plain_formulas_and_their_gradients(monkeypatch):
+  """embed(), tied_head() and linear() exist for speed (an atomic or a one-hot-matmul backward, a custom head backward,
+  a row split, a split over the vocabulary, a transposed weight gradient): they must give the numbers, and the
+  gradients, of plain indexing and plain matmuls."""
+  import model
+  monkeypatch.setattr(model, "SPLIT_ROWS", 64)  # 200 rows: the head's input gradient in chunks of 64, 64, 64 and 8
   rng = np.random.default_rng(5)
   table, h, r = (rng.normal(size=s).astype(np.float32) for s in [(200, 16), (2, 7, 16), (2, 7, 200)])  # 200 rows: split 128 + 72
   ids = Tensor(rng.integers(0, 200, (2, 7)).astype(np.int32))
+  ws = [rng.normal(size=s).astype(np.float32) for s in [(48, 16), (16, 48), (16, 16)]]  # more, fewer, as many outputs
   outs = []
   for fast in (None, True, False):  # the plain formulas; the CPU/AMD paths (atomic); the GPU paths (one-hot matmul)
-    W, H = Tensor(table), Tensor(h)
+    W, H, Ls = Tensor(table), Tensor(h), [Tensor(w) for w in ws]
     with Context(TRAINING=1):
-      logits = H @ W.T if fast is None else tied_head(H, W)
-      e = W[ids] if fast is None else embed(W, ids, atomic=fast)
-      ((logits * Tensor(r)).sum() + (e * e).sum()).backward()
-    outs.append([logits.numpy(), e.numpy(), W.grad.numpy(), H.grad.numpy()])
+      logits = H @ W.T if fast is None else model.tied_head(H, W)
+      e = W[ids] if fast is None else model.embed(W, ids, atomic=fast)
+      y = H
+      for L in Ls: y = y @ L.T if fast is None else model.linear(y, L)
+      ((logits * Tensor(r)).sum() + (e * e).sum() + (y * y).sum()).backward()
+    outs.append([logits.numpy(), e.numpy(), y.numpy(), W.grad.numpy(), H.grad.numpy()] + [L.grad.numpy() for L in Ls])
   for fast in outs[1:]:
-    for a, b in zip(fast, outs[0]): np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fast, outs[0]): np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 def _has_opencl() -> bool:
   try: return Device["CL"] is not None
