@@ -53,25 +53,31 @@ def report(runs:list[tuple[np.ndarray, dict]], judge, keep, ds:dict, own:tuple[n
   L, start, n = runs[0][0].shape[1], vocab.eot(keep), len(runs[0][0])
   rows = [("samples", *run) for run in runs] + [("validation text", vocab.to_compact(np.asarray(ds["val"][:n * L]), keep).reshape(-1, L), {})]
   if own is not None: rows.append(("judge's own samples", *own))
+  scored = [(name, texts, extra, quality(texts, judge, start, grams)) for name, texts, extra in rows]
+  text = scored[len(runs)][3]  # held-out text: each figure of the others is also given as a ratio to its
   out = []
-  for name, texts, extra in rows:
-    q = quality(texts, judge, start, grams)
-    cols = [f"{k} {v[0]:.3f} ± {v[1]:.3f}" for k, v in q.items() if k != "judge_nll"]
-    settings = "".join(f" {k} {v}" for k, v in extra.items() if k in ("sampler", "steps"))
+  for name, texts, extra, q in scored:
+    ratios = {k: round(v[0] / text[k][0], 3) for k, v in q.items() if text[k][0]} if name != "validation text" else {}
+    cols = [f"{k} {v[0]:.3f} ± {v[1]:.3f}" + (f" ({ratios[k]:.2f}x text)" if k in ratios else "") for k, v in q.items() if k != "judge_nll"]
+    settings = "".join(f" {k} {v}" for k, v in extra.items() if k in ("sampler", "steps", "temperature", "top_p", "choice_noise"))
     print(f"{name:>20} (n={len(texts)}){settings}: " + " | ".join(cols), file=sys.stderr)
-    out.append({"rows": name, **extra, **q})
+    out.append({"rows": name, **extra, **q, "vs_text": ratios})
     print(json.dumps(out[-1]), flush=True)
   return out
 
-SWEEP = ([(s, 1.0, 1.0, n) for n in (8, 16, 32, 64, 128, 256) for s in ("ancestral", "confidence")] +
-         [("ancestral", 1.0, 1.0, 1024)] +
-         [(s, T, p, n) for T, p in ((0.8, 1.0), (1.0, 0.9), (0.8, 0.9)) for n in (32, 128) for s in ("ancestral", "confidence")])
+def setting(sampler:str, temperature:float, top_p:float, steps:int, choice_noise:float=0.0) -> dict:
+  return dict(sampler=sampler, temperature=temperature, top_p=top_p, steps=steps, choice_noise=choice_noise)
+
+SWEEP = ([setting("ancestral", 1.0, 1.0, n) for n in (32, 128)] + [setting("ancestral", 0.8, 0.9, n) for n in (16, 32, 128)] +
+         [setting("confidence", 1.0, 1.0, 32)] + [setting("confidence", 1.0, 1.0, n, c) for c in (1.0, 2.0) for n in (16, 32)] +
+         [setting("confidence", 0.8, 0.9, 32, 1.0)])
 
 def plot(rows:list[dict], svg_path:str):
   """Generative perplexity against network evaluations, one line per sampler setting (log-log), as an SVG."""
   series = {}
   for r in rows:
     if r["rows"] == "samples":
-      series.setdefault(f"{r['sampler']} T={r['temperature']} p={r['top_p']}", []).append((r["nfe"], r["gen_ppl"][0]))
+      noise = f" noise={r['choice_noise']}" if r.get("choice_noise") else ""
+      series.setdefault(f"{r['sampler']} T={r['temperature']} p={r['top_p']}{noise}", []).append((r["nfe"], r["gen_ppl"][0]))
   lines = [(name, pts, COLORS[i % len(COLORS)], 2) for i, (name, pts) in enumerate(series.items())]
   line_plot(svg_path, lines, "network evaluations (log)", "generative perplexity (log)", log=True)

@@ -34,14 +34,16 @@ def describe(path:str, meta:dict) -> str:
   """What a checkpoint is, in one line: preset, step, its validation figure, averaged weights or not."""
   run, val = meta["args"], meta.get("val") or {}
   kind = "autoregressive twin" if run.get("causal") else "MDLM"
-  figure = (f"val {'NLL' if run.get('causal') else 'NELBO'} {val['nelbo']:.3f} at step {val['step']}" if val else "no evaluation yet")
+  figure = (f"val {'NLL' if run.get('causal') else 'NELBO'} {val['nelbo']:.3f} at step {val['step']}" if val
+            else "no evaluation yet")
   return (f"{path}: {kind}, preset {run.get('preset')}, step {meta['step']} of {run.get('steps')}, {figure}, "
           f"{'averaged (EMA) weights' if meta['averaged'] else 'raw weights'}, data {run.get('data')}")
 
 def load_twin(path:str, keep, flag:str) -> Denoiser:
   """The autoregressive twin given as --judge or --race, on the diffusion model's vocabulary."""
   twin, twin_keep, _ = load(path, "train one with `python train.py --causal --out DIR` and pass DIR/ckpt.safetensors")
-  if not twin.cfg.causal: raise ValueError(f"--{flag} {path} is not an autoregressive twin: train one with `python train.py --causal`")
+  if not twin.cfg.causal:
+    raise ValueError(f"--{flag} {path} is not an autoregressive twin: train one with `python train.py --causal`")
   if twin_keep != keep: raise ValueError(f"--{flag} {path} has another vocabulary than the diffusion model: train both "
                                          "on the same --data and --vocab-size")
   return twin
@@ -59,14 +61,18 @@ def template(prompt:str, keep, length:int|None, context:int, mask_id:int, start:
     count, pos = int(m.group(1) or 1), m.end()
     if count < 1: raise ValueError("malformed marker in --prompt: [MASK*N] needs N >= 1")
     if (size := size + len(pieces[-1]) + count) > context:  # checked before anything that size is made
-      raise ValueError(f"the --prompt template holds at least {size - n} tokens, more than the model context ({context - n}): shorten it")
+      raise ValueError(f"the --prompt template holds at least {size - n} tokens, more than the model context "
+                       f"({context - n}): shorten it")
     pieces.append(np.full(count, mask_id))
   ids = np.concatenate(pieces + [vocab.encode(prompt[pos:], keep)]).astype(np.int32)
-  if length and length > 100 * context: raise ValueError(f"--length {length} is more than 100 contexts ({100 * context}): lower it")
+  if length and length > 100 * context:
+    raise ValueError(f"--length {length} is more than 100 contexts ({100 * context}): lower it")
   length = n + length if length else (len(ids) if MARKER.search(prompt) else context)
-  if len(ids) > context: raise ValueError(f"the prompt is {len(ids) - n} tokens, more than the model context ({context - n}): shorten it")
+  if len(ids) > context:
+    raise ValueError(f"the prompt is {len(ids) - n} tokens, more than the model context ({context - n}): shorten it")
   if len(ids) > length:
-    raise ValueError(f"the prompt is {len(ids) - n} tokens, more than --length {length - n}: shorten it or raise --length")
+    raise ValueError(f"the prompt is {len(ids) - n} tokens, more than --length {length - n}: "
+                     "shorten it or raise --length")
   return np.concatenate([ids, np.full(length - len(ids), mask_id, np.int32)])
 
 def reverse_process(model, init:np.ndarray, args, stop:int|None=None):
@@ -74,36 +80,48 @@ def reverse_process(model, init:np.ndarray, args, stop:int|None=None):
   the autoregressive twin left to right; either stops early once every sample has written `stop` (an end of text)."""
   x, cfg = Tensor(np.tile(init, (args.num_samples, 1)).astype(np.int32)), model.cfg
   if cfg.causal: return diffusion.sample_ar(model, x, cfg.mask_id, args.temperature, args.top_p, stop)
-  return diffusion.sample_blocks(model, x, cfg.mask_id, args.steps, cfg.seq_len, stop, first=int(init[0] != cfg.mask_id),
-                                 schedule=args.schedule, method=args.sampler, cache=not cfg.time_cond and args.sampler == "ancestral",
-                                 temperature=args.temperature, top_p=args.top_p)
+  return diffusion.sample_blocks(model, x, cfg.mask_id, args.steps, cfg.seq_len, stop,
+                                 first=int(init[0] != cfg.mask_id), schedule=args.schedule, method=args.sampler,
+                                 cache=not cfg.time_cond and args.sampler == "ancestral", temperature=args.temperature,
+                                 top_p=args.top_p, choice_noise=args.choice_noise)
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog=__doc__[__doc__.index("\n"):])
-  p.add_argument("--ckpt", default="out/ckpt.safetensors", help="a checkpoint written by train.py; default out/ckpt.safetensors")
+  p.add_argument("--ckpt", default="out/ckpt.safetensors",
+                 help="a checkpoint written by train.py; default out/ckpt.safetensors")
   p.add_argument("--num-samples", type=positive(), default=1, help="default 1")
-  p.add_argument("--length", type=positive(), help="tokens per sample (default: the model's context, or the infilling template); "
-                 "more than the context: written block by block, until every story has ended")
-  p.add_argument("--steps", type=positive(), default=128, help="reverse-process steps; default 128")
-  p.add_argument("--sampler", choices=["ancestral", "confidence"], default="ancestral",
-                 help="default ancestral (cached automatically when the model has no time conditioning)")
+  p.add_argument("--length", type=positive(), help="tokens per sample (default: the model's context, or the infilling "
+                 "template); more than the context: written block by block, until every story has ended")
+  p.add_argument("--steps", type=positive(), help="reverse-process steps (network evaluations) per block; default: "
+                 "a quarter of the tokens a block writes (32 for 128), which the quality table found to cost little "
+                 "(BENCHMARKS.md)")
+  p.add_argument("--sampler", choices=["ancestral", "confidence"], default="confidence", help="default confidence; "
+                 "ancestral: exact (cached automatically when the model has no time conditioning)")
+  p.add_argument("--choice-noise", type=number(float, 0), default=4.0, help="confidence sampler: Gumbel noise on the "
+                 "order in which positions are revealed, annealed with t (MaskGIT's choice temperature); default 4")
   p.add_argument("--schedule", choices=diffusion.SCHEDULES, default="loglinear", help="default loglinear")
-  # defaults from the quality table (BENCHMARKS.md): the lowest generative perplexity among the settings whose samples
-  # are as varied as real text (token entropy, distinct 4-grams); the confidence sampler's lower perplexity comes from repeating itself
-  p.add_argument("--temperature", type=number(float, 0), default=0.8, help="default 0.8; 0: greedy")
-  p.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=0.9, help="in (0, 1]; default 0.9; 1: off")
+  # the defaults are the quality table's (BENCHMARKS.md) lowest generative perplexity at ≤ 32 network evaluations for
+  # 128 tokens among the settings whose samples are as varied as text (entropy ≥ 0.95x text's): without choice noise the
+  # confidence sampler repeats itself; ancestral sampling at temperature 0.8, top-p 0.9 reads at 1.7x its perplexity
+  p.add_argument("--temperature", type=number(float, 0), default=1.0, help="default 1; 0: greedy")
+  p.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=1.0, help="in (0, 1]; default 1: off")
   p.add_argument("--seed", type=number(int, 0), default=0, help="same seed, same device: same text; default 0")
   p.add_argument("--prompt", default="", help="a prefix, or a template with [MASK] / [MASK*N] to fill in")
-  p.add_argument("--visualize", action="store_true", help="animate the reverse process (plain snapshots when not a terminal)")
+  p.add_argument("--visualize", action="store_true",
+                 help="animate the reverse process (plain snapshots when not a terminal)")
   p.add_argument("--fps", type=positive(float), default=20, help="frames per second of the animation; default 20")
   p.add_argument("--html", help="also write a self-contained HTML page replaying the denoising")
-  p.add_argument("--quality", action="store_true", help="score the samples: generative perplexity under --judge, entropy, "
-                 "distinct 4-grams, 8-grams copied from the training split; with held-out text as a reference row (JSON lines)")
-  p.add_argument("--judge", help="an autoregressive twin's checkpoint (train.py --causal) to compute generative perplexity")
-  p.add_argument("--sweep", metavar="SVG", help="with --quality: also each sampler, temperature, top-p and step count of the "
-                 "quality table (quality.SWEEP), and plot generative perplexity against network evaluations into SVG")
-  p.add_argument("--keep-going", action="store_true", help="show the text after a story's end of text, and write the whole --length")
+  p.add_argument("--quality", action="store_true", help="score the samples: generative perplexity under --judge, "
+                 "entropy, distinct 4-grams, 8-grams copied from the training split; with held-out text as a reference "
+                 "row (JSON lines)")
+  p.add_argument("--judge",
+                 help="an autoregressive twin's checkpoint (train.py --causal) to compute generative perplexity")
+  p.add_argument("--sweep", metavar="SVG", help="with --quality: also each sampler, temperature, top-p and step count "
+                 "of the quality table (quality.SWEEP), and plot generative perplexity against network evaluations "
+                 "into SVG")
+  p.add_argument("--keep-going", action="store_true",
+                 help="show the text after a story's end of text, and write the whole --length")
   p.add_argument("--race", metavar="AR_CKPT", help="race the diffusion model against its autoregressive twin (train.py "
                  "--causal): both write side by side, one network evaluation per frame (with --html: also as a page)")
   args = p.parse_args(argv)
@@ -115,9 +133,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 def setup(args) -> argparse.Namespace:
-  """Everything checked before any sampling, with one-line errors: the model, its vocabulary and run (meta), the
-  template to fill (init; a story's EOT first when first = 1), the judge and its reference data for --quality, the twin
-  for --race."""
+  """All checked before sampling, with one-line errors: the model, its vocabulary and run (meta), the template to fill
+  (init; a story's EOT first when first = 1), the judge and its reference data for --quality, the twin for --race."""
   try:
     model, keep, meta = load(args.ckpt)
     cfg, judge, twin, ds = model.cfg, None, None, None
@@ -125,37 +142,39 @@ def setup(args) -> argparse.Namespace:
     init = template(args.prompt, keep, args.length, cfg.seq_len, cfg.mask_id, vocab.eot(keep) if first else None)
     if cfg.causal and len(init) > cfg.seq_len:
       raise ValueError(f"--length {args.length} is more than the autoregressive twin's context ({cfg.seq_len - 1})")
-    if (args.sweep or args.race) and cfg.causal: raise ValueError(f"{args.ckpt} is an autoregressive twin: pass the diffusion model as --ckpt")
+    if (args.sweep or args.race) and cfg.causal:
+      raise ValueError(f"{args.ckpt} is an autoregressive twin: pass the diffusion model as --ckpt")
     if args.quality:  # the judge, and the held-out text of the data the model was trained on (the reference row)
       judge = load_twin(args.judge, keep, "judge") if args.judge else None
       ds = prepare.load(meta["args"]["data"], log=lambda *a: print(*a, file=sys.stderr))
     if args.race:
-      twin = load_twin(args.race, keep, "race")
-      if len(init) > twin.cfg.seq_len: raise ValueError(f"--race writes within both contexts: lower --length to {twin.cfg.seq_len - 1}")
+      twin = load_twin(args.race, keep, "race"); ctx = twin.cfg.seq_len
+      if len(init) > ctx: raise ValueError(f"--race writes within both contexts: lower --length to {ctx - 1}")
   except (DataError, ValueError, FileNotFoundError) as e: sys.exit(f"error: {e}")
   print(describe(args.ckpt, meta), file=sys.stderr)
-  if meta["step"] < 500: print(f"(after {meta['step']} steps a model writes word salad: train it longer for stories)", file=sys.stderr)
+  if meta["step"] < 500:
+    print(f"(after {meta['step']} steps a model writes word salad: train it longer for stories)", file=sys.stderr)
   return argparse.Namespace(model=model, keep=keep, meta=meta, init=init, first=first, judge=judge, twin=twin, ds=ds)
 
 def score(args, s, runs) -> list[dict]:
-  """--quality: the figures of the samples, of held-out text and of the judge's own samples (at --temperature, --top-p)."""
+  """--quality: figures of the samples, of held-out text and of the judge's own samples (at --temperature, --top-p)."""
   own = None
   if s.judge is not None and args.judge != args.ckpt:
     Tensor.manual_seed(args.seed)
-    start = np.r_[vocab.eot(s.keep), np.full(s.judge.cfg.seq_len - 1, s.judge.cfg.mask_id)].astype(np.int32)
+    n = min(len(s.init) - s.first, s.judge.cfg.seq_len - 1)  # as long as the samples
+    start = np.r_[vocab.eot(s.keep), np.full(n, s.judge.cfg.mask_id)].astype(np.int32)
     xs, _, nfe = [*reverse_process(s.judge, start, args)][-1]
     own = (xs.numpy()[:, 1:], {"temperature": args.temperature, "top_p": args.top_p, "nfe": nfe})
   return quality.report(runs, s.judge, s.keep, s.ds, own)
 
 def sweep(args, model, init, first:int) -> list[tuple[np.ndarray, dict]]:
-  """--quality --sweep: the same prompt through each (sampler, temperature, top-p, steps) of quality.SWEEP."""
+  """--sweep: the same prompt through each quality.SWEEP setting (sampler, temperature, top-p, steps, choice noise)."""
   runs = []
-  for sampler, temperature, top_p, steps in quality.SWEEP:
-    a = argparse.Namespace(**{**vars(args), "sampler": sampler, "temperature": temperature, "top_p": top_p, "steps": steps})
+  for setting in quality.SWEEP:
+    a = argparse.Namespace(**{**vars(args), **setting})
     Tensor.manual_seed(args.seed); t0 = time.perf_counter()
     for xs, _, nfe in reverse_process(model, init, a): pass
-    runs.append((xs.numpy()[:, first:], {"sampler": sampler, "temperature": temperature, "top_p": top_p, "steps": steps,
-                                         "nfe": nfe, "seconds": round(time.perf_counter() - t0, 2)}))
+    runs.append((xs.numpy()[:, first:], {**setting, "nfe": nfe, "seconds": round(time.perf_counter() - t0, 2)}))
   return runs
 
 def run(args, sides, init:np.ndarray, first:int, keep, stop:int|None):
@@ -164,16 +183,18 @@ def run(args, sides, init:np.ndarray, first:int, keep, stop:int|None):
   the frames' labels and the seconds taken."""
   cfg, gen, tty, race = sides[0][1].cfg, init == sides[0][1].cfg.mask_id, sys.stdout.isatty(), len(sides) > 1
   animate, runs, t0 = tty, [], time.perf_counter()
-  if args.visualize and not race: print("compiling the sampler's kernels (once per shape; ~20 s on a CPU)...", file=sys.stderr, flush=True)
+  if args.visualize and not race:
+    print("compiling the sampler's kernels (once per shape; ~20 s on a CPU)...", file=sys.stderr, flush=True)
   for side, m in sides:
-    Tensor.manual_seed(args.seed)
-    revealed_at, labels = np.where(gen, 1 << 30, -1)[None].repeat(args.num_samples, 0), ["step 0  t = 1.000  0% revealed"]
+    Tensor.manual_seed(args.seed); labels = ["step 0  t = 1.000  0% revealed"]
+    revealed_at = np.where(gen, 1 << 30, -1)[None].repeat(args.num_samples, 0)
     for k, (xs, s, nfe) in enumerate(reverse_process(m, init, args, stop), start=1):
       xs = xs.numpy()
       revealed_at[(revealed_at == 1 << 30) & (xs != cfg.mask_id)] = nfe if race else k
       block, j = divmod(k - 1, args.steps)
-      labels.append((f"block {block + 1}  " if len(init) > cfg.seq_len else "") + f"step {j + 1}/{args.steps}  t = {s:.3f}  "
-                    f"{round(100 * float((xs[:, gen] != cfg.mask_id).mean()) if gen.any() else 100, 1)}% revealed  NFE {nfe}")
+      labels.append((f"block {block + 1}  " if len(init) > cfg.seq_len else "") + f"step {j + 1}/{args.steps}  "
+                    f"t = {s:.3f}  {round(100 * float((xs[:, gen] != cfg.mask_id).mean()) if gen.any() else 100, 1)}% "
+                    f"revealed  NFE {nfe}")
       snapshot = (block == 0 and k in np.linspace(0, args.steps, 6).round()) or (block and s == 0)
       if args.visualize and not race and (animate or snapshot):
         animate = display.show(labels[-1], [("", xs[i], revealed_at[i], k) for i in range(len(xs))], first, gen, keep,
@@ -181,8 +202,8 @@ def run(args, sides, init:np.ndarray, first:int, keep, stop:int|None):
     runs.append((side, xs, revealed_at, nfe))
   if race:  # replayed side by side, one network evaluation per frame
     total = max(nfe for *_, nfe in runs)
-    labels = [f"NFE {k}: " + " · ".join(f"{side} {min(k, nfe)}{' (done)' if k >= nfe else ''}" for side, _, _, nfe in runs)
-              for k in range(total + 1)]
+    labels = [f"NFE {k}: " + " · ".join(f"{side} {min(k, nfe)}{' (done)' if k >= nfe else ''}"
+                                        for side, _, _, nfe in runs) for k in range(total + 1)]
     for k in range(1, total + 1):
       if animate or k in np.linspace(0, total, 6).round():
         animate = display.show(labels[k], [(f"{side} ({nfe} NFE)", xs[i], ra[i], k) for side, xs, ra, nfe in runs
@@ -193,34 +214,39 @@ def main(argv=None):
   args = parse_args(argv)
   devices.choose()
   s = setup(args)
-  cfg, gen = s.model.cfg, s.init == s.model.cfg.mask_id
+  cfg, gen, tty = s.model.cfg, s.init == s.model.cfg.mask_id, sys.stdout.isatty()
   if args.sweep:  # the quality table instead of one run; the judge's own samples, the reference row, at temperature 1
     runs = sweep(args, s.model, s.init, s.first)
     args.temperature, args.top_p = 1.0, 1.0
     return quality.plot(score(args, s, runs), args.sweep)
 
   if cfg.causal: args.steps = int(gen.sum())  # left to right: one step, and one network evaluation, per token
+  args.steps = args.steps or -(-int(gen[:cfg.seq_len].sum()) // 4)
   sides = [("diffusion", s.model), ("autoregressive twin", s.twin)] if s.twin else [("", s.model)]
-  runs, labels, wall = run(args, sides, s.init, s.first, s.keep, None if args.keep_going or args.quality else vocab.eot(s.keep))
+  runs, labels, wall = run(args, sides, s.init, s.first, s.keep,
+                           None if args.keep_going or args.quality else vocab.eot(s.keep))
   _, xs, _, nfe = runs[0]
 
   # the texts up to their story's end, the page, the quality figures, a summary line
   ends = [[None if args.keep_going else vocab.story_end(x, ~gen, s.keep) for x in xs] for _, xs, _, _ in runs]
   if not args.visualize and not s.twin:
     for i, x in enumerate(xs):
-      cut = "" if ends[0][i] is not None or args.keep_going or not gen[-1] else f"\n[cut: no end of text within {len(s.init) - s.first} tokens]"
+      cut = ("" if ends[0][i] is not None or args.keep_going or not gen[-1]
+             else f"\n[cut: no end of text within {len(s.init) - s.first} tokens]")
       text = vocab.decode(x[s.first:ends[0][i]], s.keep)
-      print((display.printable(text) if sys.stdout.isatty() else text) + cut + ("\n" + "-" * 40 if i < len(xs) - 1 else ""))
+      print((display.printable(text) if tty else text) + cut + ("\n" + "-" * 40 if i < len(xs) - 1 else ""))
   if args.html:
     display.write_html(args.html, [(side, xs[i, s.first:], ra[i, s.first:], e[i] and e[i] - s.first)
                                    for (side, xs, ra, _), e in zip(runs, ends) for i in range(len(xs))], labels, s.keep)
     print(f"wrote {args.html}: open it in a browser", file=sys.stderr)
   if args.quality:
-    extra = {"sampler": "autoregressive" if cfg.causal else args.sampler, "temperature": args.temperature, "top_p": args.top_p,
-             "steps": args.steps, "nfe": nfe, "seconds": round(wall, 2)}
+    extra = {"sampler": "autoregressive" if cfg.causal else args.sampler, "temperature": args.temperature,
+             "top_p": args.top_p, "steps": args.steps, "choice_noise": args.choice_noise, "nfe": nfe,
+             "seconds": round(wall, 2)}
     score(args, s, [(xs[:, s.first:], extra)])
-  print(f"{args.num_samples} x {len(s.init) - s.first} tokens | " + " | ".join(f"{side + ': ' if side else ''}NFE {nfe}" for side, _, _, nfe in runs)
-        + f" | {wall:.1f} s{' (with animation delays)' if args.visualize and sys.stdout.isatty() else ''} | "
+  print(f"{args.num_samples} x {len(s.init) - s.first} tokens | "
+        + " | ".join(f"{side + ': ' if side else ''}NFE {nfe}" for side, _, _, nfe in runs)
+        + f" | {wall:.1f} s{' (with animation delays)' if args.visualize and tty else ''} | "
         f"{len(runs) * args.num_samples * gen.sum() / wall:,.0f} tokens/s", file=sys.stderr)
 
 if __name__ == "__main__": main()

@@ -4,11 +4,13 @@ import argparse, math
 
 PRESETS = {  # network, batch and training recipe; each key is also a flag of train.py (bench.py uses the first seven)
   "tiny":  dict(dim=32, n_layers=2, n_heads=2, seq_len=32, vocab_size=512, batch_size=8, dtype="float32",  # tests
-                steps=40, lr=3e-3, warmup=5, eval_every=20, eval_windows=16, eval_draws=2, final_draws=4, ema=0.0),
-  "small": dict(dim=128, n_layers=4, n_heads=4, seq_len=128, vocab_size=8192, batch_size=16, dtype="float32",  # a CPU
-                steps=3000, lr=1e-3, warmup=100, eval_every=500, eval_windows=128, eval_draws=8, final_draws=32, ema=0.999),
+                steps=40, lr=3e-3, warmup=5, eval_every=20, eval_windows=16, eval_len=32, eval_draws=2, final_draws=4, ema=0.0),
+  "small": dict(dim=128, n_layers=4, n_heads=4, seq_len=256, vocab_size=8192, batch_size=8, dtype="float32",  # a CPU
+                steps=3000, lr=1e-3, warmup=100, eval_every=500, eval_windows=128, eval_len=128, eval_draws=8, final_draws=32,
+                ema=0.999),
   "base":  dict(dim=512, n_layers=8, n_heads=8, seq_len=256, vocab_size=8192, batch_size=64, dtype="bfloat16",  # a GPU
-                steps=20000, lr=6e-4, warmup=500, eval_every=1000, eval_windows=256, eval_draws=8, final_draws=32, ema=0.9999),
+                steps=20000, lr=6e-4, warmup=500, eval_every=1000, eval_windows=256, eval_len=256, eval_draws=8, final_draws=32,
+                ema=0.9999),
 }
 
 def by_preset(key:str) -> str:
@@ -52,6 +54,8 @@ def fill(args, *sources:dict) -> argparse.Namespace:
 def check_size(args):
   if args.dim % args.n_heads or (args.dim // args.n_heads) % 2:
     raise ValueError(f"--dim {args.dim} must be a multiple of --n-heads {args.n_heads}, with an even head size")
+  if getattr(args, "eval_len", None) and args.eval_len > args.seq_len:
+    raise ValueError(f"--eval-len {args.eval_len} is longer than the context (--seq-len {args.seq_len})")
   if getattr(args, "devices", None) and args.batch_size % args.devices:
     raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --devices {args.devices}")
   return args

@@ -17,34 +17,41 @@ from settings import PRESETS, add_size_flags, by_preset, check_size, fill, fract
 # settings no preset chooses (a flag each; a resumed run keeps its own)
 DEFAULTS = dict(data="tinystories", seed=1337, grad_accum=1, schedule="loglinear", weight_decay=0.0, grad_clip=1.0,
                 time_cond=True, causal=False, estimator="plain", windows="stories")
-ARCH = ("dim", "n_layers", "n_heads", "seq_len", "vocab_size", "time_cond", "causal")  # what a resumed run may not change
+ARCH = ("dim", "n_layers", "n_heads", "seq_len", "vocab_size", "time_cond", "causal")  # a resumed run may not change
 
 def parse_args(argv=None) -> argparse.Namespace:
   """Flags left out are None here; `resolve` fills them from the checkpoint being resumed, the preset, or DEFAULTS."""
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog=__doc__[__doc__.index("\n"):])
   d = lambda key: f"default {DEFAULTS[key]}"
-  p.add_argument("--data", help=f"sample (bundled), tinystories (falls back to sample offline) or a UTF-8 text file; {d('data')}")
+  p.add_argument("--data", help="sample (bundled), tinystories (falls back to sample offline) or a UTF-8 text file; "
+                 f"{d('data')}")
   p.add_argument("--out", default="out", help="directory for ckpt.safetensors and log.jsonl; default out")
   p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
   p.add_argument("--seed", type=number(int, 0), help=d("seed"))
   add_size_flags(p)
   for key, kind, what in [("steps", positive(), "optimizer steps"), ("lr", positive(float), "peak learning rate"),
-                          ("warmup", positive(), "steps of linear warm-up"), ("eval_every", positive(), "steps between evaluations"),
-                          ("eval_windows", positive(), "validation windows")]:
+                          ("warmup", positive(), "steps of linear warm-up"),
+                          ("eval_every", positive(), "steps between evaluations"),
+                          ("eval_windows", positive(), "validation windows"),
+                          ("eval_len", positive(), "tokens per validation window")]:
     p.add_argument("--" + key.replace("_", "-"), type=kind, help=f"{what}; {by_preset(key)}")
-  p.add_argument("--eval-draws", type=positive(), help=f"mask counts per validation window at each evaluation (even); {by_preset('eval_draws')}")
-  p.add_argument("--final-draws", type=positive(), help=f"the same for the last evaluation, the run's figure; {by_preset('final_draws')}")
-  p.add_argument("--ema", type=fraction, help=f"decay of the weight average used for evaluation and sampling, 0: off; {by_preset('ema')}")
+  p.add_argument("--eval-draws", type=positive(),
+                 help=f"mask counts per validation window at each evaluation (even); {by_preset('eval_draws')}")
+  p.add_argument("--final-draws", type=positive(),
+                 help=f"the same for the last evaluation, the run's figure; {by_preset('final_draws')}")
+  p.add_argument("--ema", type=fraction,
+                 help=f"decay of the weight average used for evaluation and sampling, 0: off; {by_preset('ema')}")
   p.add_argument("--grad-accum", type=positive(), help=f"micro-batches per optimizer step; {d('grad_accum')}")
   p.add_argument("--schedule", choices=diffusion.SCHEDULES, help=f"noise schedule for training; {d('schedule')}")
-  p.add_argument("--estimator", choices=["plain", "count"], help="how each step estimates the NELBO: plain (diffusion.nelbo "
-                 "with antithetic times, as the PyTorch peer) or count (diffusion.nelbo_by_count, lower variance); " + d("estimator"))
-  p.add_argument("--causal", action="store_true", default=None,
-                 help="train the autoregressive twin instead: the same network, causal attention, next-token NLL")
-  p.add_argument("--windows", choices=batches.WINDOWS, help="training windows: stories (half start at a story, after its "
-                 "EOT), padded (the same, EOT after a story's end instead of the next story) or random (anywhere in the "
-                 f"stream); {d('windows')}")
+  p.add_argument("--estimator", choices=["plain", "count"], help="how each step estimates the NELBO: plain "
+                 "(diffusion.nelbo with antithetic times, as the PyTorch peer) or count (diffusion.nelbo_by_count, "
+                 "lower variance); " + d("estimator"))
+  p.add_argument("--causal", action="store_true", default=None, help="train the autoregressive twin instead: the same "
+                 "network, causal attention, next-token NLL")
+  p.add_argument("--windows", choices=batches.WINDOWS, help="training windows: stories (half start at a story, after "
+                 "its EOT), padded (the same, EOT after a story's end instead of the next story) or random (anywhere "
+                 f"in the stream); {d('windows')}")
   p.add_argument("--weight-decay", type=number(float, 0), help=f"AdamW's; {d('weight_decay')}")
   p.add_argument("--grad-clip", type=positive(float), help=f"global gradient-norm clip; {d('grad_clip')}")
   args = p.parse_args(argv)
@@ -58,19 +65,21 @@ def resolve(args, saved:dict|None=None) -> argparse.Namespace:
   fill(args, saved or {}, PRESETS[args.preset], DEFAULTS)
   for key in ("eval_draws", "final_draws"):
     if getattr(args, key) % 2 and not args.causal:
-      raise ValueError(f"--{key.replace('_', '-')} must be even (strata are paired for the standard error), got {getattr(args, key)}")
+      raise ValueError(f"--{key.replace('_', '-')} must be even (strata are paired for the standard error), "
+                       f"got {getattr(args, key)}")
   if args.causal: args.time_cond = False  # the twin has no noise level to read
   args.wanted_dtype, args.dtype = args.dtype, devices.supported_dtype(args.dtype)
   return check_size(args)
 
 def learning_rate(step:int, args) -> float:
   # linear warm-up, then cosine decay to 10% of the peak
-  return args.lr * min(1, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1, step / args.steps))))
+  return args.lr * min(1, (step + 1) / args.warmup) * \
+    (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1, step / args.steps))))
 
 def batch(tokens, stories, keep, args, rng):
   """A step's data and all its randomness, drawn from one numpy generator so that a resumed run repeats it exactly:
   windows (A, B, T), a time offset per micro-batch (A, 1), a mask uniform per token (A, B, T)."""
-  B, T, A = args.batch_size, args.seq_len + args.causal, args.grad_accum  # the twin predicts each token from the ones before
+  B, T, A = args.batch_size, args.seq_len + args.causal, args.grad_accum  # the twin predicts a token from those before
   x0 = vocab.to_compact(batches.train_batch(tokens, A * B, T, rng, args.windows, stories), keep).reshape(A, B, T)
   return x0, rng.random((A, 1), dtype=np.float32), rng.random((A, B, T), dtype=np.float32)
 
@@ -82,7 +91,8 @@ def objective(args, mask_id:int):
     if args.estimator == "count":
       k = diffusion.mask_counts(total, L, u_t)[first:first + b]
       return diffusion.nelbo_by_count(model, x0, k, u_mask, mask_id, args.schedule).mean()
-    return diffusion.nelbo(model, x0, diffusion.antithetic_times(total, u_t)[first:first + b], mask_id, args.schedule, u_mask)
+    t = diffusion.antithetic_times(total, u_t)[first:first + b]
+    return diffusion.nelbo(model, x0, t, mask_id, args.schedule, u_mask)
   return loss
 
 def make_evaluate(reps, val, keep, args, mask_id:int, draws:int):
@@ -90,19 +100,20 @@ def make_evaluate(reps, val, keep, args, mask_id:int, draws:int):
   numbers. MDLM: each window is scored at `draws` mask counts, one from each of as many equal slices of 1..L, and the
   error is that of these draws. The autoregressive twin: the exact NLL of the same text, with no error to report.
   The batches are shared out over the devices of `reps` (devices.replicas of the model), refreshed at every call."""
-  L, K, B, rng = args.seq_len, 1 if args.causal else draws, args.batch_size, np.random.default_rng(0)
+  L, K, B, rng = args.eval_len, 1 if args.causal else draws, args.batch_size, np.random.default_rng(0)
   windows = vocab.to_compact(batches.val_windows(val, L + args.causal, args.eval_windows), keep)
   N = len(windows)
   k = 1 + np.floor(L * (np.arange(K) + rng.random((N, 1))) / K).astype(np.int32)  # (N, K) mask counts, stratified
   u = rng.random((N * K, L), dtype=np.float32)
-  rows = np.arange(-(-N * K // B) * B).reshape(-1, B) % (N * K)  # whole batches: the last one wraps around to the first rows
+  rows = np.arange(-(-N * K // B) * B).reshape(-1, B) % (N * K)  # whole batches: the last one wraps to the first rows
   def scorer(m) -> TinyJit:
     if args.causal: return TinyJit(lambda x0, k, u: diffusion.ar_nll(m, x0).realize())
     return TinyJit(lambda x0, k, u: diffusion.nelbo_by_count(m, x0, k, u, mask_id, args.schedule).realize())
   scorers, n = [scorer(m) for m, _ in reps], len(reps)
   def run(d:int) -> list[np.ndarray]:
     device = reps[d][1][0].device
-    return [scorers[d](*(Tensor(a, device=device) for a in (windows[i // K], k.reshape(-1)[i], u[i]))).numpy() for i in rows[d::n]]
+    return [scorers[d](*(Tensor(a, device=device) for a in (windows[i // K], k.reshape(-1)[i], u[i]))).numpy()
+            for i in rows[d::n]]
   def evaluate() -> tuple[float, float]:
     devices.copy_weights(reps)
     parts = devices.on_devices([lambda d=d: run(d) for d in range(n)], scorers)
@@ -147,7 +158,8 @@ def check_resumable(meta, args, keep) -> list[str]:
     raise DataError(f"the checkpoint in {args.out} was trained on a different vocabulary (data {saved['data']!r}): "
                     f"resume with the same --data, or use another --out")
   changed = [k for k in sorted(args.explicit) if k in saved and getattr(args, k) != saved[k]]
-  if "seed" in changed: raise DataError("--seed does nothing at --resume (the random state continues from the checkpoint): drop it")
+  if "seed" in changed:
+    raise DataError("--seed does nothing at --resume (the random state continues from the checkpoint): drop it")
   if "ema" in changed and (args.ema > 0) != (saved["ema"] > 0):
     raise DataError(f"the run in {args.out} was trained {'with' if saved['ema'] > 0 else 'without'} a weight average: "
                     "--ema can change its decay at --resume, not turn it on or off")
@@ -156,11 +168,11 @@ def check_resumable(meta, args, keep) -> list[str]:
 def check_enough(ds, args):
   """The data must fill a training window and a validation window; say how much text that is, for this preset."""
   need = args.seq_len + args.causal
-  if min(len(ds["train"]), len(ds["val"])) < need:
+  if len(ds["train"]) < need or len(ds["val"]) < args.eval_len + args.causal:
     total = 20 * need  # a file of one's own: its last 5% is held out for validation
-    raise DataError(f"--data {args.data} gives {len(ds['train']):,} training and {len(ds['val']):,} validation tokens, too "
-                    f"few for windows of {need} tokens (preset {args.preset}): give it at least {total:,} tokens, about "
-                    f"{total * 4 // 1000 + 1} KB of English text, or lower --seq-len")
+    raise DataError(f"--data {args.data} gives {len(ds['train']):,} training and {len(ds['val']):,} validation tokens, "
+                    f"too few for windows of {need} tokens (preset {args.preset}): give it at least {total:,} tokens, "
+                    f"about {total * 4 // 1000 + 1} KB of English text, or lower --seq-len")
 
 def setup(args, ckpt_path:str, log_path:str):
   """The checkpoint to resume (with --resume), the settings, the data and its vocabulary, checked before any work:
@@ -168,12 +180,13 @@ def setup(args, ckpt_path:str, log_path:str):
   try:
     checkpoint.lock(args.out)
     tensors, meta = (None, None)
-    if args.resume: tensors, meta = checkpoint.load(ckpt_path, f"nothing to resume in {args.out}: start without --resume")
+    if args.resume:
+      tensors, meta = checkpoint.load(ckpt_path, f"nothing to resume in {args.out}: start without --resume")
     elif os.path.exists(ckpt_path):
       raise DataError(f"{ckpt_path} already exists: pass --resume to continue it, or --out DIR for a new run")
     resolve(args, meta and meta["args"])
     ds = prepare.load(args.data, explicit="data" in args.explicit)
-    if ds["name"] == "sample" and args.data == "tinystories": args.data = "sample"  # offline: what it trains on, recorded
+    if ds["name"] == "sample" and args.data == "tinystories": args.data = "sample"  # offline: record what it trains on
     check_enough(ds, args)
     keep = vocab.top_k(prepare.train_counts(ds["meta"]), args.vocab_size)
     applied = check_resumable(meta, args, keep) if meta else []
@@ -183,7 +196,8 @@ def setup(args, ckpt_path:str, log_path:str):
     print(f"{log_path} was left by a run that wrote no checkpoint: moved to {old}")
   return tensors, meta, ds, keep
 
-def restore(tensors, meta, model, ema, opt, keep, args, ckpt_path:str, log_path:str) -> tuple[int, np.random.Generator, float, int]:
+def restore(tensors, meta, model, ema, opt, keep, args, ckpt_path:str,
+            log_path:str) -> tuple[int, np.random.Generator, float, int]:
   """(step, data generator, seconds trained, tokens seen): from the checkpoint being resumed, else those of a new run.
   The log keeps exactly the steps the checkpoint holds: lines past it (steps the checkpoint lost) and a line cut by
   a crash are dropped, and said."""
@@ -196,8 +210,8 @@ def restore(tensors, meta, model, ema, opt, keep, args, ckpt_path:str, log_path:
   kept = [r for r in rows if r.get("step", math.inf) <= meta["step"]]
   checkpoint.write_log(log_path, kept)
   if bad or len(kept) < len(rows) or len(kept) < meta["step"]:
-    print(f"{log_path}: kept steps {kept[0]['step'] if kept else '-'}..{kept[-1]['step'] if kept else '-'} of the checkpoint's "
-          f"{meta['step']}" + (f", dropped {bad} damaged line(s)" if bad else "") +
+    print(f"{log_path}: kept steps {kept[0]['step'] if kept else '-'}..{kept[-1]['step'] if kept else '-'} of the "
+          f"checkpoint's {meta['step']}" + (f", dropped {bad} damaged line(s)" if bad else "") +
           (f", dropped {len(rows) - len(kept)} line(s) past the checkpoint" if len(kept) < len(rows) else ""))
   return meta["step"], rng, meta["elapsed_s"], meta["tokens"]
 
@@ -223,13 +237,15 @@ def main(argv=None):
 
   tok_per_step = args.batch_size * args.seq_len * args.grad_accum
   devs = devices.for_batch(args.batch_size, args.devices)
-  print(f"device {', '.join(map(devices.name, devs))} | preset {args.preset} | data {ds['name']} ({len(ds['train']):,} train "
-        f"tokens) | {n_params(model) / 1e6:.2f}M parameters | vocab {cfg.n_tokens} | {args.windows} windows | "
-        f"{tok_per_step:,} tokens/step | {args.dtype}" + (f" (the device has no {args.wanted_dtype})" if args.dtype != args.wanted_dtype else "")
+  print(f"device {', '.join(map(devices.name, devs))} | preset {args.preset} | data {ds['name']} "
+        f"({len(ds['train']):,} train tokens) | {n_params(model) / 1e6:.2f}M parameters | vocab {cfg.n_tokens} | "
+        f"{args.windows} windows | {tok_per_step:,} tokens/step | {args.dtype}"
+        + (f" (the device has no {args.wanted_dtype})" if args.dtype != args.wanted_dtype else "")
         + (" | autoregressive twin (--causal)" if args.causal else ""))
   first_eval = min(args.steps, (step // args.eval_every + 1) * args.eval_every)
-  print(f"step {step + 1} compiles the step's kernels first (once: ~30-60 s on a CPU, less when tinygrad has them cached); "
-        f"validation, a sample and a checkpoint every {args.eval_every} steps, the first at step {first_eval}", flush=True)
+  print(f"step {step + 1} compiles the step's kernels first (once: ~30-60 s on a CPU, less when tinygrad has them "
+        f"cached); validation, a sample and a checkpoint every {args.eval_every} steps, the first at step {first_eval}",
+        flush=True)
   train_step = devices.train_step(devices.replicas(model, devs), opt, objective(args, cfg.mask_id), args.grad_clip,
                                   ema and list(parameters(ema).values()))
   eval_copies = devices.replicas(ema or model, devs)
@@ -254,7 +270,7 @@ def main(argv=None):
     opt.lr.assign(Tensor([learning_rate(step, args)], dtype=opt.lr.dtype)).realize()
     data = batch(ds["train"], stories, keep, args, rng)
     t0 = time.perf_counter()
-    loss = train_step(*data, ema_decay=min(args.ema, (1 + step) / (10 + step))).item()  # a young average follows the model
+    loss = train_step(*data, ema_decay=min(args.ema, (1 + step) / (10 + step))).item()  # a new average tracks the model
     dt = time.perf_counter() - t0
     if not math.isfinite(loss):
       saved = checkpoint_step(ckpt_path)
@@ -270,7 +286,8 @@ def main(argv=None):
            "val_ppl": None, "eval_s": None, "lr": learning_rate(step - 1, args), "tok_per_s": round(tok_s, 1),
            "elapsed_s": round(elapsed, 2)}
     eta = (args.steps - step) * tok_per_step / tok_s if tok_s else 0
-    speed = f"{tok_s:,.0f} tok/s | ETA {eta // 60:.0f}m{eta % 60:02.0f}s" if tok_s else f"compiling: {dt:.0f} s (speed and ETA from step {step - done_here + 3})"
+    speed = f"{tok_s:,.0f} tok/s | ETA {eta // 60:.0f}m{eta % 60:02.0f}s" if tok_s else \
+            f"compiling: {dt:.0f} s (speed and ETA from step {step - done_here + 3})"
     line = f"step {step}/{args.steps} | loss {loss:.4f} | lr {row['lr']:.2e} | {speed}"
     if tty: print("\r" + line + " " * 8, end="", flush=True)
     elif step % 10 == 0 or done_here <= 3: print(line, flush=True)
@@ -283,12 +300,14 @@ def main(argv=None):
                  eval_s=round(time.perf_counter() - t_eval, 2))
       print(f"\r\033[K" if tty else "\n", end="")
       print(f"step {step}: val " + (f"NLL {nelbo:.4f} nats/token, perplexity {row['val_ppl']:.2f}" if args.causal else
-            f"NELBO {nelbo:.4f} ± {se:.4f} nats/token, perplexity <= {row['val_ppl']:.2f}") + f" ({row['eval_s']:.0f} s)"
-            f"\n  sample: {unconditional_sample(ema or model, cfg, keep, args)!r}", flush=True)
+            f"NELBO {nelbo:.4f} ± {se:.4f} nats/token, perplexity <= {row['val_ppl']:.2f}")
+            + f" ({row['eval_s']:.0f} s)" f"\n  sample: {unconditional_sample(ema or model, cfg, keep, args)!r}",
+            flush=True)
     log.write(json.dumps(row) + "\n"); log.flush()
     if row["val_nelbo"] is not None: save(); learning_curve(log_path, os.path.join(args.out, "curve.svg"))
   if stop: save()
-  print(f"\n{'interrupted: ' if stop else ''}checkpoint at step {step} in {ckpt_path}" + (" (continue with --resume)" if stop else ""))
+  print(f"\n{'interrupted: ' if stop else ''}checkpoint at step {step} in {ckpt_path}"
+        + (" (continue with --resume)" if stop else ""))
   if stop: sys.exit(130)
 
 def checkpoint_step(path:str) -> int|None:

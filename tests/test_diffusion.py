@@ -138,6 +138,22 @@ def test_ancestral_frequencies_match_iid_oracle(cache):
   expected = P * final.size
   assert ((counts - expected) ** 2 / expected).sum() < 18.47
 
+def test_confidence_sampler_bias_is_toward_likely_tokens_and_choice_noise_removes_it():
+  """The confidence sampler reveals first the positions whose drawn token is likely, so under an i.i.d. oracle the
+  likeliest token comes out more often than P says: the bias it trades for revealing many tokens per step. Gumbel noise
+  on the order of revealing (choice_noise) shrinks it; with noise that swamps log p the order is random and the
+  frequencies are P's again (chi-square as above). One network evaluation per step, whatever the noise."""
+  freq = {}
+  for noise in (0.0, 1.0, 1000.0):
+    Tensor.manual_seed(9)
+    states = run(iid_oracle, Tensor.full((32, 64), V).contiguous(), 16, method="confidence", choice_noise=noise)
+    final, nfe = states[-1][0], states[-1][2]
+    assert nfe == 16 and (final != V).all()
+    counts = np.bincount(final.ravel(), minlength=V)
+    freq[noise], se = counts[0] / final.size, math.sqrt(P[0] * (1 - P[0]) / final.size)
+    if noise == 1000.0: assert ((counts - P * final.size) ** 2 / (P * final.size)).sum() < 18.47
+  assert freq[0.0] > P[0] + 10 * se and P[0] + 3 * se < freq[1.0] < freq[0.0] - 3 * se, freq
+
 def test_cached_sampler_matches_uncached_with_fewer_evaluations():
   x = Tensor.full((2, 8), V).contiguous()
   Tensor.manual_seed(8)
