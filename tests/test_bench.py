@@ -1,6 +1,8 @@
 """bench.py's modes, dry-run on tinygrad's NULL device (which schedules and counts every kernel, running none): --cost,
 whose operation count can never fall below the model's own FLOPs (bench.flops_per_token); where nvcc exists, every
-kernel of a step compiled for Hopper, its matmuls on tensor cores; --profile and --search end to end."""
+kernel of a step compiled for Hopper, its matmuls on tensor cores; --profile and --search end to end. The tiny NULL runs
+call bench.main in the test process, so that the step's kernels are lowered once for them all; the schedules they write
+are read back by a new `python bench.py` process, and the Hopper step compiles in one of its own."""
 import json, os, shutil, subprocess, sys
 import pytest
 
@@ -12,8 +14,19 @@ def bench(dev:str, *flags:str) -> tuple[dict, str]:
   assert out.returncode == 0, out.stderr[-2000:]
   return json.loads(out.stdout.strip().splitlines()[-1]), out.stdout
 
-def test_cost_report_counts_at_least_the_models_flops():
-  r, text = bench("NULL", "--preset", "tiny", "--cost", "--top", "3")
+def bench_here(monkeypatch, capsys, dev:str, *flags:str) -> tuple[dict, str]:
+  """bench.main(flags) in this process on `dev`, with devices' pins and record of compiled kernels empty as in a new one."""
+  import bench, devices
+  from tinygrad import Context
+  monkeypatch.setattr(devices, "pinned", {})
+  monkeypatch.setattr(devices, "compiled", {})
+  capsys.readouterr()
+  with Context(DEV=dev, NULL_ALLOW_COPYOUT=1): bench.main(list(flags))
+  out = capsys.readouterr().out
+  return json.loads(out.strip().splitlines()[-1]), out
+
+def test_cost_report_counts_at_least_the_models_flops(monkeypatch, capsys):
+  r, text = bench_here(monkeypatch, capsys, "NULL", "--preset", "tiny", "--cost", "--top", "3")
   assert "top kernels by operations:" in text and "top kernels by bytes:" in text
   assert r["device"] == "NULL" and r["kernels"] > 50
   assert 1.0 <= r["ops_ratio"] < 2.0, r  # a step does at least the matmuls' FLOPs, and (tiny) not twice them
@@ -30,11 +43,11 @@ def test_every_matmul_of_the_step_runs_on_tensor_cores_on_hopper():
   assert r["big_reductions_without_tc"] == [] and r["tc_share"] > 0.95, r
   assert "tensor cores" in text
 
-def test_profile_and_search_run_end_to_end_and_write_schedules_that_pin(tmp_path):
+def test_profile_and_search_run_end_to_end_and_write_schedules_that_pin(tmp_path, monkeypatch, capsys):
   """The GPU modes, dry-run on NULL: a per-kernel profile, a search of the two slowest kernels, their schedules written
-  and pinned by the step built again (every one found its kernel), then read back by --schedules."""
+  and pinned by the step built again (every one found its kernel), then read back by --schedules in a new process."""
   path = str(tmp_path / "schedules.json")
-  r, text = bench("NULL", "--preset", "tiny", "--profile", "--top", "5", "--search", "2", "--beam", "1", "--write-schedules", path)
+  r, text = bench_here(monkeypatch, capsys, "NULL", "--preset", "tiny", "--profile", "--top", "5", "--search", "2", "--beam", "1", "--write-schedules", path)
   assert len(r["profile"]) == 5 and {"name", "calls", "ms", "share", "gflops", "gbs", "tc"} <= set(r["profile"][0])
   assert r["searched"] == 2 and r["unmatched_schedules"] == 0 and "with the 2 schedules pinned" in text
   schedules = json.load(open(path))

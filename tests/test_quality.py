@@ -24,12 +24,13 @@ def test_judge_perplexity_of_its_own_greedy_text():
   from model import Config, Denoiser
   import diffusion
   Tensor.manual_seed(3)
-  judge = Denoiser(Config(n_tokens=40, seq_len=12, dim=32, n_layers=2, n_heads=2, causal=True))
+  L = 9  # the judge's context: a start token and 8 tokens of text, the fewest that hold an 8-gram (copied8)
+  judge = Denoiser(Config(n_tokens=40, seq_len=L, dim=32, n_layers=2, n_heads=2, causal=True))
   for p in [b.ada for b in judge.blocks] + [judge.ada_final]: p.bias.assign(Tensor.randn(*p.bias.shape)).realize()  # sharpen it
-  init = np.array([[5] + [40] * 11], np.int32)
+  init = np.array([[5] + [40] * (L - 1)], np.int32)
   text = [x for x, _, _ in diffusion.sample_ar(judge, Tensor(init), 40, temperature=0)][-1].numpy()[:, 1:]
   want = np.mean([-Tensor(judge(Tensor(np.r_[5, text[0]][None, :i].astype(np.int32)), Tensor([0.0])).numpy()[0, -1]).log_softmax().max().item()
-                  for i in range(1, 12)])
+                  for i in range(1, L)])
   q = quality.quality(text, judge, 5, np.zeros(0, np.uint64))
   assert q["judge_nll"][0] == pytest.approx(want, rel=1e-4) and q["gen_ppl"][0] == pytest.approx(np.exp(want), rel=1e-3)
   assert q["copied8"][0] == 0

@@ -116,19 +116,10 @@ def test_offline_the_checkpoint_records_the_data_it_trained_on_and_resume_uses_i
   out = capsys.readouterr().out
   assert "FALLING BACK" not in out and "downloading" not in out and steps(tmp_path / "run") == [1, 2, 3]
 
-def test_speed_and_eta_are_shown_only_once_measured_also_after_resume(tmp_path, monkeypatch, capsys):
-  """A process's first two steps compile kernels: they are never counted in the speed, on a new run or a resumed one."""
-  batch, calls = train.batch, []
-  def interrupting_batch(*a):
-    calls.append(1)
-    if len(calls) == 7: os.kill(os.getpid(), signal.SIGINT)
-    return batch(*a)
-  monkeypatch.setattr(train, "batch", interrupting_batch)
-  with pytest.raises(SystemExit): train.main(TINY + ["--out", str(tmp_path)])
-  monkeypatch.setattr(train, "batch", batch)
-  capsys.readouterr()
-  train.main(["--out", str(tmp_path), "--resume"])
-  out = capsys.readouterr().out
+def test_speed_and_eta_are_shown_only_once_measured_also_after_resume(resumed_run):
+  """A process's first two steps compile kernels: they are never counted in the speed, on a new run or a resumed one
+  (resumed_run: stopped during step 7, resumed by a new train.main)."""
+  out, tmp_path = resumed_run.printed, resumed_run.out
   assert "step 8 compiles the step's kernels first" in out and "the first at step 10" in out  # announced, before step 8
   assert out.index("step 8 compiles") < out.index("step 8/20")
   lines = [l for l in out.splitlines() if l.startswith("step ") and "|" in l]

@@ -35,19 +35,10 @@ def test_evaluation_is_deterministic(tiny_run):
   a, b = evaluate(), evaluate()
   assert a == b and 0 < a[0] < 10 and 0 < a[1] < 0.2
 
-def test_resume_reproduces_an_uninterrupted_run(tiny_run, tmp_path, monkeypatch):
+def test_resume_reproduces_an_uninterrupted_run(tiny_run, resumed_run):
   """Ctrl-C after 7 steps, --resume to 20: the same loss at every step as 20 steps without a break."""
-  batch, calls = train.batch, []
-  def interrupting_batch(*a):
-    calls.append(1)
-    if len(calls) == 7: os.kill(os.getpid(), signal.SIGINT)   # lands during step 7: it finishes, then the run stops
-    return batch(*a)
-  monkeypatch.setattr(train, "batch", interrupting_batch)
-  with pytest.raises(SystemExit) as e: train.main(TINY + ["--out", str(tmp_path)])
-  assert e.value.code == 130 and losses(tmp_path) == losses(tiny_run)[:7]
-  monkeypatch.setattr(train, "batch", batch)
-  train.main(["--out", str(tmp_path), "--resume"])
-  assert losses(tmp_path) == losses(tiny_run)
+  assert resumed_run.code == 130 and resumed_run.stopped_losses == losses(tiny_run)[:7]
+  assert losses(resumed_run.out) == losses(tiny_run)
 
 def test_a_write_killed_before_the_rename_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
   replace, saves = os.replace, []
