@@ -262,7 +262,7 @@ def main(argv=None):
   def on_sigint(*_):
     if stop: raise KeyboardInterrupt
     stop.append(True); print("\nstopping after this step (Ctrl-C again to abort without saving)", flush=True)
-  signal.signal(signal.SIGINT, on_sigint)
+  signal.signal(signal.SIGINT, on_sigint); signal.signal(signal.SIGTERM, on_sigint)  # kill, timeout: save as Ctrl-C
 
   # the loop: a step, a line of progress, and at every evaluation a checkpoint
   log, tty, done_here, timed, timed_s = open(log_path, "a"), sys.stdout.isatty(), 0, 0, 0.0

@@ -129,3 +129,19 @@ def test_speed_and_eta_are_shown_only_once_measured_also_after_resume(resumed_ru
   assert "tok/s" in lines[2] and int(eta.split("m")[0]) == 0 and int(eta.split("m")[1][:2]) < 20  # 10 steps of ~0.1 s
   rows = checkpoint.read_log(str(tmp_path / "log.jsonl"))[0]
   assert [r["tok_per_s"] > 0 for r in rows[7:10]] == [False, False, True]
+
+def test_a_terminated_run_saves_like_ctrl_c(tmp_path, monkeypatch):
+  """kill or timeout (SIGTERM) during step 3: the step finishes, its checkpoint is written, --resume can go on."""
+  batch, calls = train.batch, []
+  def terminating_batch(*a):
+    calls.append(1)
+    if len(calls) == 3: os.kill(os.getpid(), signal.SIGTERM)
+    return batch(*a)
+  def unhandled(*_): raise AssertionError("train.py left SIGTERM to its default: the run would die unsaved")
+  monkeypatch.setattr(train, "batch", terminating_batch)
+  previous = signal.signal(signal.SIGTERM, unhandled)  # what train.py must replace
+  try:
+    with pytest.raises(SystemExit) as e: train.main(TINY + ["--out", str(tmp_path)])
+  finally: signal.signal(signal.SIGTERM, previous)
+  assert e.value.code == 130 and steps(tmp_path) == [1, 2, 3]
+  assert checkpoint.load(str(tmp_path / "ckpt.safetensors"))[1]["step"] == 3
