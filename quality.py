@@ -69,7 +69,8 @@ def setting(sampler:str, temperature:float, top_p:float, steps:int, choice_noise
   return dict(sampler=sampler, temperature=temperature, top_p=top_p, steps=steps, choice_noise=choice_noise)
 
 SWEEP = ([setting("ancestral", 1.0, 1.0, n) for n in (32, 128)] + [setting("ancestral", 0.8, 0.9, n) for n in (16, 32, 128)] +
-         [setting("confidence", 1.0, 1.0, 32)] + [setting("confidence", 1.0, 1.0, n, c) for c in (1.0, 2.0) for n in (16, 32)] +
+         [setting("confidence", 1.0, 1.0, 32)] + [setting("confidence", 1.0, 1.0, n, c) for c in (1.0, 2.0, 4.0) for n in (16, 32)] +
+         [setting("confidence", 1.0, 1.0, 32, 3.0)] +
          [setting("confidence", 0.8, 0.9, 32, 1.0)])
 
 def plot(rows:list[dict], svg_path:str):
