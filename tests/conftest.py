@@ -27,11 +27,11 @@ def tiny_ar_run(tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def short_end_of_run_sample():
-  """train.py ends every run with a 64-step unconditional sample that no test reads: 8 steps in the tests (the same code,
-  an eighth of the model calls, which cost ~1 s a run)."""
+  """train.py shows a 64-step sample at every evaluation that no test reads: 8 steps in the tests (the same code, an
+  eighth of the model calls, which cost ~1 s a run)."""
   import train
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(train, "unconditional_sample", functools.partial(train.unconditional_sample, steps=8))
+    mp.setattr(train, "story", functools.partial(train.story, steps=8))
     yield
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
-"""bench.py's modes, dry-run on tinygrad's NULL device (which schedules and counts every kernel, running none): --cost,
+"""harness/bench.py's modes, dry-run on tinygrad's NULL device (which schedules and counts every kernel, running none): --cost,
 whose operation count can never fall below the model's own FLOPs (bench.flops_per_token); where nvcc exists, every
 kernel of a step compiled for Hopper, its matmuls on tensor cores; --profile and --search end to end. The tiny NULL runs
-call bench.main in the test process, so that the step's kernels are lowered once for them all; the schedules they write
-are read back by a new `python bench.py` process, and the Hopper step compiles in one of its own."""
+call harness.bench.main in the test process, so that the step's kernels are lowered once for them all; the schedules they write
+are read back by a new `python -m harness.bench` process, and the Hopper step compiles in one of its own."""
 import json, os, shutil, subprocess, sys
 import pytest
 
@@ -10,16 +10,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def bench(dev:str, *flags:str) -> tuple[dict, str]:
   env = {**os.environ, "DEV": dev, "NULL_ALLOW_COPYOUT": "1"}
-  out = subprocess.run([sys.executable, "bench.py", *flags], cwd=ROOT, env=env, capture_output=True, text=True)
+  out = subprocess.run([sys.executable, "-m", "harness.bench", *flags], cwd=ROOT, env=env, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-2000:]
   return json.loads(out.stdout.strip().splitlines()[-1]), out.stdout
 
 def bench_here(monkeypatch, capsys, dev:str, *flags:str) -> tuple[dict, str]:
-  """bench.main(flags) in this process on `dev`, with devices' pins and record of compiled kernels empty as in a new one."""
-  import bench, devices
+  """bench.main(flags) in this process on `dev`, with the pins and record of compiled kernels empty as in a new one."""
+  from harness import bench, kernels
   from tinygrad import Context
-  monkeypatch.setattr(devices, "pinned", {})
-  monkeypatch.setattr(devices, "compiled", {})
+  monkeypatch.setattr(kernels, "pinned", {})
+  monkeypatch.setattr(kernels, "compiled", {})
   capsys.readouterr()
   with Context(DEV=dev, NULL_ALLOW_COPYOUT=1): bench.main(list(flags))
   out = capsys.readouterr().out
@@ -36,7 +36,7 @@ def test_cost_report_counts_at_least_the_models_flops(monkeypatch, capsys):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc: compiling the step for Hopper needs CUDA's compiler")
 def test_every_matmul_of_the_step_runs_on_tensor_cores_on_hopper():
   """The `small` step in bfloat16, each kernel compiled for sm_90: no reduction with more than 0.5% of the step's
-  operations may miss the tensor cores (the weight gradients of the gated Linears did, before devices.STEP_CONTEXT).
+  operations may miss the tensor cores (the weight gradients of the gated Linears did, before kernels.STEP_CONTEXT).
   float32 would not do: tinygrad's NULL device offers TF32 tensor cores that real CUDA leaves off by default."""
   r, text = bench("NULL:NVCC:sm_90", "--preset", "small", "--dtype", "bfloat16", "--cost", "--top", "3")
   assert r["kernels"] > 300 and 1.0 <= r["ops_ratio"] < 1.5, r

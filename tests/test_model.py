@@ -5,8 +5,8 @@ import numpy as np, pytest
 from tinygrad import Context, Device, Tensor, TinyJit, dtypes, nn
 from tinygrad.nn.state import get_state_dict
 import argparse
-import devices
-from devices import replicas, supported_dtype
+from harness import devices
+from harness.devices import replicas, supported_dtype
 from model import Config, Denoiser, modulate, parameters, rmsnorm
 from diffusion import SCHEDULES, antithetic_times, nelbo
 from test_diffusion import estimate
@@ -29,7 +29,7 @@ def test_every_block_is_the_identity_at_init():
   x, t = inputs()
   h = model.tok_emb[x]
   c = model.t_out(model.t_in(Tensor.randn(2, 256)).silu())
-  cos, sin = model._rope[0], model._rope[1]
+  cos, sin = model.rope[0], model.rope[1]
   for block in model.blocks: np.testing.assert_array_equal(block(h, c, cos, sin).numpy(), h.numpy())
   expected = rmsnorm(h) @ model.tok_emb.T   # final adaLN is zero too: logits = rmsnorm(emb) · embᵀ
   np.testing.assert_allclose(model(x, t).numpy()[..., :CFG.n_tokens], expected.numpy()[..., :CFG.n_tokens], rtol=1e-5, atol=1e-6)
@@ -88,7 +88,9 @@ def test_parameter_count_matches_the_architecture():
 PATTERNS = np.array([np.roll(np.arange(16), k) for k in (0, 3, 7, 11)], dtype=np.int32)
 
 def pattern_batch(rng, B=32) -> tuple[Tensor, Tensor, Tensor]:
-  return (Tensor(PATTERNS[rng.integers(0, 4, B)]), Tensor(rng.random(1, dtype=np.float32)), Tensor(rng.random((B, 16), dtype=np.float32)))
+  """Windows, their antithetic times and mask uniforms, drawn on the host as train.py draws them."""
+  t = antithetic_times(rng.random((1, 1), dtype=np.float32), B)[0]
+  return Tensor(PATTERNS[rng.integers(0, 4, B)]), Tensor(t), Tensor(rng.random((B, 16), dtype=np.float32))
 
 @pytest.fixture(scope="module")
 def trained():
@@ -101,9 +103,9 @@ def trained():
 
   @TinyJit
   @Context(TRAINING=1)
-  def step(x0:Tensor, u0:Tensor, u:Tensor) -> Tensor:
+  def step(x0:Tensor, t:Tensor, u:Tensor) -> Tensor:
     opt.zero_grad()
-    loss = nelbo(model, x0, antithetic_times(32, u0), cfg.mask_id, u=u).backward()
+    loss = nelbo(model, x0, t, cfg.mask_id, u=u).backward()
     return loss.realize(*opt.schedule_step())
   return model, cfg, [step(*pattern_batch(rng)).item() for _ in range(300)]
 
@@ -117,35 +119,12 @@ def test_without_time_conditioning_the_bound_does_not_depend_on_the_schedule(tra
   model, cfg, _ = trained
   estimates = []
   for schedule in SCHEDULES:
-    ev = TinyJit(lambda x0, u0, u: nelbo(model, x0, antithetic_times(32, u0), cfg.mask_id, schedule, u).realize())
+    ev = TinyJit(lambda x0, t, u: nelbo(model, x0, t, cfg.mask_id, schedule, u).realize())
     rng = np.random.default_rng(5)
     estimates.append(estimate(lambda: ev(*pattern_batch(rng)).item(), 60))
   (a, se_a), (b, se_b) = estimates
   assert abs(a - b) < 4 * math.hypot(se_a, se_b), estimates
   assert math.log(4) / 16 - 4 * se_a < a < 0.25 * math.log(16)  # a bound: never below the data's entropy, log 4 / 16
-
-def test_fast_paths_compute_the_plain_formulas_and_their_gradients(monkeypatch):
-  """embed(), tied_head() and linear() exist for speed (an atomic or a one-hot-matmul backward, a custom head backward,
-  a row split, a split over the vocabulary, a transposed weight gradient): they must give the numbers, and the
-  gradients, of plain indexing and plain matmuls."""
-  import model
-  monkeypatch.setattr(model, "SPLIT_ROWS", 64)  # 200 rows: the head's input gradient in chunks of 64, 64, 64 and 8
-  rng = np.random.default_rng(5)
-  table, h, r = (rng.normal(size=s).astype(np.float32) for s in [(200, 16), (2, 7, 16), (2, 7, 200)])  # 200 rows: split 128 + 72
-  ids = Tensor(rng.integers(0, 200, (2, 7)).astype(np.int32))
-  ws = [rng.normal(size=s).astype(np.float32) for s in [(48, 16), (16, 48), (16, 16)]]  # more, fewer, as many outputs
-  outs = []
-  for fast in (None, True, False):  # the plain formulas; the CPU/AMD paths (atomic); the GPU paths (one-hot matmul)
-    W, H, Ls = Tensor(table), Tensor(h), [Tensor(w) for w in ws]
-    with Context(TRAINING=1):
-      logits = H @ W.T if fast is None else model.tied_head(H, W)
-      e = W[ids] if fast is None else model.embed(W, ids, atomic=fast)
-      y = H
-      for L in Ls: y = y @ L.T if fast is None else model.linear(y, L)
-      ((logits * Tensor(r)).sum() + (e * e).sum() + (y * y).sum()).backward()
-    outs.append([logits.numpy(), e.numpy(), y.numpy(), W.grad.numpy(), H.grad.numpy()] + [L.grad.numpy() for L in Ls])
-  for fast in outs[1:]:
-    for a, b in zip(fast, outs[0]): np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 def _has_opencl() -> bool:
   try: return Device["CL"] is not None
@@ -188,15 +167,16 @@ def test_half_precision_matches_float32_to_its_rounding(device, dtype):
 
 @pytest.mark.parametrize("n,estimator", [(2, "plain"), (4, "count")])
 def test_data_parallel_step_matches_one_device_and_the_average_follows_its_formula(n, estimator):
-  """The data-parallel step splits the batch over n CPU devices (`--devices n`) and averages the gradients: the weights
-  it reaches must be the single-device ones (and the same seed must give the same initial weights whatever the devices),
-  with train.py's objective for each estimator (antithetic times or mask counts spread over the whole batch, each device
-  taking its rows' share). The weight average must be θ_ema ← d·θ_ema + (1 − d)·θ with the decay given to each step."""
+  """train.py's step splits the batch over n CPU devices (`--devices n`) and averages the gradients: the weights it
+  reaches must be the single-device ones (and the same seed must give the same initial weights whatever the devices),
+  with train.py's objective and host draws for each estimator (antithetic times or mask counts spread over the whole
+  batch, each device taking its rows). The weight average must be θ_ema ← d·θ_ema + (1 − d)·θ, d given to each step."""
   import train
-  loss = train.objective(argparse.Namespace(causal=False, estimator=estimator, schedule="loglinear"), SHORT.mask_id)
-  rng = np.random.default_rng(3)
-  data = [(rng.integers(0, SHORT.n_tokens, (1, 4, SHORT.seq_len), dtype=np.int32), rng.random((1, 1), dtype=np.float32),
-           rng.random((1, 4, SHORT.seq_len), dtype=np.float32)) for _ in range(3)]
+  args = argparse.Namespace(causal=False, estimator=estimator, schedule="loglinear", batch_size=4, seq_len=SHORT.seq_len,
+                            grad_accum=1, windows="random")
+  loss, rng = train.objective(args, SHORT.mask_id), np.random.default_rng(3)
+  tokens = rng.integers(0, SHORT.n_tokens, 1000)
+  data = [train.batch(tokens, None, None, args, rng) for _ in range(3)]
   runs = []
   for devs in (devices.for_batch(4, 1), devices.for_batch(4, n)):
     Tensor.manual_seed(8)
@@ -205,26 +185,36 @@ def test_data_parallel_step_matches_one_device_and_the_average_follows_its_formu
     for e in ema_params: e.assign(Tensor.zeros(*e.shape)).realize()
     copies = replicas(model, devs)
     opt = nn.optim.SGD(params, lr=0.5)  # linear in the gradient (Adam's first steps amplify rounding in near-zero ones)
-    step = devices.train_step(copies, opt, loss, ema_params=ema_params)
+    step = train.make_step(copies, opt, loss, 1.0, ema)
     losses, expected = [], [np.zeros(e.shape, np.float32) for e in ema_params]
     for x, d in zip(data, (0.5, 0.9, 0.0)):
       losses.append(step(*x, ema_decay=d).item())
       expected = [d * e + (1 - d) * p.numpy() for e, p in zip(expected, params)]
     for e, want in zip(ema_params, expected): np.testing.assert_allclose(e.numpy(), want, rtol=1e-5, atol=1e-6)
-    for _, ps in copies[1:]:
-      for a, b in zip(ps, params): np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for copy in copies[1:]:
+      for a, b in zip(parameters(copy).values(), params): np.testing.assert_array_equal(a.numpy(), b.numpy())
     runs.append((losses, [p.numpy() for p in params]))
   np.testing.assert_allclose(runs[1][0], runs[0][0], rtol=1e-5)
   for a, b in zip(runs[1][1], runs[0][1]): np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+def test_buffers_are_told_from_parameters_by_tinygrads_flag_not_by_name():
+  """A buffer is a tensor with is_param False (rope, causal, subs), whatever its name; a parameter named like a private
+  attribute is still trained and saved."""
+  model = Denoiser(Config(**{**CFG.__dict__, "causal": True}))
+  model.blocks[0]._x = Tensor.ones(3).contiguous().realize().is_param_(False)   # a buffer with a private name
+  model.blocks[0]._w = Tensor.ones(3).contiguous().realize()                    # a parameter with one
+  names = set(parameters(model))
+  assert "blocks.0._w" in names and "blocks.0._x" not in names
+  assert not any(n.startswith(("rope", "causal", "subs")) for n in names) and "tok_emb" in names
 
 @pytest.mark.skipif(not _has_opencl(), reason="no OpenCL driver (CI installs PoCL)")
 def test_an_opencl_driver_on_the_cpu_is_a_cpu():
   """With PoCL installed tinygrad picks CL by itself; the drivers must then behave as on the CPU backend (its preset and
   devices), and DEV=CL must still mean CL (named as a CPU)."""
   import subprocess, sys
-  from devices import is_cpu, name as device_name
+  from harness.devices import is_cpu, name as device_name
   assert is_cpu("CL") and is_cpu("CPU") and not is_cpu("NULL") and "a CPU" in device_name("CL")
   env = {k: v for k, v in os.environ.items() if k != "DEV"}
-  probe = "import devices; from tinygrad import Device; a = Device.DEFAULT; devices.prefer_cpu_backend(); print(a, Device.DEFAULT)"
+  probe = "from harness import devices; from tinygrad import Device; a = Device.DEFAULT; devices.prefer_cpu_backend(); print(a, Device.DEFAULT)"
   out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert out.stdout.split() == ["CL", "CPU"], out.stderr[-500:]

@@ -2,7 +2,8 @@
 mode end to end, the plot."""
 import json
 import numpy as np, pytest
-import quality, sample
+import sample
+from harness import quality
 
 def test_text_statistics_on_known_cases():
   assert quality.entropy([7, 7, 7, 7]) == 0 and quality.entropy([1, 2, 1, 2]) == pytest.approx(np.log(2))
@@ -46,9 +47,9 @@ def test_quality_mode_prints_every_row(capsys, tiny_run, tiny_ar_run):
   assert "not an autoregressive twin" in str(e.value.code)
 
 def test_the_quality_plot_draws_one_line_per_sampler_setting_in_nfe_order(tmp_path):
-  """sample.plot (the --sweep figure): log-log, one polyline per (sampler, temperature, top-p), its points by NFE."""
+  """quality.plot (the --sweep figure): log-log, one polyline per sampler setting, its points by NFE per sample."""
   import re
-  from quality import plot
+  from harness.quality import plot
   rows = [{"rows": "samples", "sampler": s, "temperature": 1.0, "top_p": 1.0, "nfe": n, "gen_ppl": [ppl, 1.0]}
           for s, pts in (("ancestral", [(64, 600.0), (8, 1100.0), (32, 590.0)]), ("confidence", [(8, 130.0), (64, 22.0)])) for n, ppl in pts]
   rows.append({"rows": "validation text", "gen_ppl": [16.0, 2.0]})  # reference rows are not drawn

@@ -3,13 +3,14 @@ line, another process); user files are checked before any work; every flag at --
 import json, os, signal, subprocess, sys, time
 import pytest
 from tinygrad import Tensor
-import checkpoint, train
+import train
+from harness import rundir
 from conftest import TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-def steps(out) -> list[int]: return [r["step"] for r in checkpoint.read_log(os.path.join(out, "log.jsonl"))[0]]
-def losses(out) -> list[float]: return [r["train_loss"] for r in checkpoint.read_log(os.path.join(out, "log.jsonl"))[0]]
+def steps(out) -> list[int]: return [r["step"] for r in rundir.read_log(os.path.join(out, "log.jsonl"))[0]]
+def losses(out) -> list[float]: return [r["train_loss"] for r in rundir.read_log(os.path.join(out, "log.jsonl"))[0]]
 
 def error(argv) -> str:
   with pytest.raises(SystemExit) as e: train.main(argv)
@@ -25,14 +26,14 @@ def test_a_data_file_too_small_for_its_windows_says_how_much_text_is_needed(tmp_
 
 def poison(monkeypatch, at:int):
   """The train step returns NaN at its at-th call."""
-  make = train.devices.train_step
+  make = train.make_step
   def poisoned(*a, **kw):
     step, n = make(*a, **kw), []
     def run(*x, **kw):
       n.append(1)
       return Tensor(float("nan")) if len(n) == at else step(*x, **kw)
     return run
-  monkeypatch.setattr(train.devices, "train_step", poisoned)
+  monkeypatch.setattr(train, "make_step", poisoned)
 
 def test_a_nan_before_any_checkpoint_says_so_and_names_only_flags_that_exist(tmp_path, monkeypatch):
   poison(monkeypatch, 2)
@@ -48,7 +49,7 @@ def test_a_fresh_run_never_mixes_its_log_with_a_dead_runs(tmp_path, monkeypatch,
   monkeypatch.undo()
   train.main(TINY + ["--steps", "4", "--eval-every", "2", "--out", str(tmp_path)])
   assert steps(tmp_path) == [1, 2, 3, 4]
-  assert [r["step"] for r in checkpoint.read_log(str(tmp_path / "log.jsonl.1"))[0]] == [1, 2]  # kept, set aside
+  assert [r["step"] for r in rundir.read_log(str(tmp_path / "log.jsonl.1"))[0]] == [1, 2]  # kept, set aside
   assert "moved to" in capsys.readouterr().out
 
 def test_resume_survives_a_log_line_cut_by_a_crash(tiny_run, tmp_path, capsys):
@@ -58,7 +59,7 @@ def test_resume_survives_a_log_line_cut_by_a_crash(tiny_run, tmp_path, capsys):
   with open(tmp_path / "run" / "log.jsonl", "a") as f: f.write('{"step": 23, "tokens": 58')  # a crash mid-line
   train.main(["--out", str(tmp_path / "run"), "--resume", "--steps", "24"])
   assert steps(tmp_path / "run") == list(range(1, 25)) and "dropped 1 damaged line" in capsys.readouterr().out
-  assert checkpoint.read_log(str(tmp_path / "run" / "log.jsonl"))[1] == 0
+  assert rundir.read_log(str(tmp_path / "run" / "log.jsonl"))[1] == 0
 
 def test_every_flag_at_resume_is_applied_and_said_or_refused_with_its_reason(tiny_run, tmp_path, capsys):
   assert "trained without a weight average" in error(["--out", str(tiny_run), "--resume", "--ema", "0.9"])
@@ -69,7 +70,7 @@ def test_every_flag_at_resume_is_applied_and_said_or_refused_with_its_reason(tin
   train.main(["--out", str(tmp_path / "run"), "--resume", "--steps", "21", "--lr", "0.001", "--eval-every", "7"])
   out = capsys.readouterr().out
   assert "resuming step 20 with --eval-every 7 (was 10), --lr 0.001 (was 0.003), --steps 21 (was 20)" in out
-  assert checkpoint.load(str(tmp_path / "run" / "ckpt.safetensors"))[1]["args"]["lr"] == 0.001
+  assert rundir.load(str(tmp_path / "run" / "ckpt.safetensors"))[1]["args"]["lr"] == 0.001
 
 @pytest.mark.parametrize("flags", [["--lr", "inf"], ["--lr", "nan"], ["--weight-decay", "nan"], ["--weight-decay", "-1"],
                                    ["--seed", "-1"], ["--vocab-size", "-2"], ["--grad-clip", "inf"], ["--ema", "nan"]])
@@ -94,7 +95,7 @@ def test_kill_9_mid_run_resumes_exactly_with_each_step_logged_once(tiny_run, tmp
   try:
     while len(steps(tmp_path) if os.path.exists(tmp_path / "log.jsonl") else []) < 7: time.sleep(0.05)
   finally: run.send_signal(signal.SIGKILL); run.wait()
-  assert checkpoint.load(str(tmp_path / "ckpt.safetensors"))[1]["step"] in (5, 10)
+  assert rundir.load(str(tmp_path / "ckpt.safetensors"))[1]["step"] in (5, 10)
   train.main(["--out", str(tmp_path), "--resume"])
   assert steps(tmp_path) == list(range(1, 21)) and losses(tmp_path) == losses(tiny_run)  # evaluations take no training draws
 
@@ -111,7 +112,7 @@ def test_offline_the_checkpoint_records_the_data_it_trained_on_and_resume_uses_i
   monkeypatch.setattr(prepare, "DOWNLOADS", str(tmp_path / "downloads"))
   train.main(["--preset", "tiny", "--steps", "2", "--eval-every", "2", "--out", str(tmp_path / "run")])  # no --data
   assert "FALLING BACK TO THE BUNDLED SAMPLE" in capsys.readouterr().out
-  assert checkpoint.load(str(tmp_path / "run" / "ckpt.safetensors"))[1]["args"]["data"] == "sample"
+  assert rundir.load(str(tmp_path / "run" / "ckpt.safetensors"))[1]["args"]["data"] == "sample"
   train.main(["--out", str(tmp_path / "run"), "--resume", "--steps", "3"])
   out = capsys.readouterr().out
   assert "FALLING BACK" not in out and "downloading" not in out and steps(tmp_path / "run") == [1, 2, 3]
@@ -120,14 +121,14 @@ def test_speed_and_eta_are_shown_only_once_measured_also_after_resume(resumed_ru
   """A process's first two steps compile kernels: they are never counted in the speed, on a new run or a resumed one
   (resumed_run: stopped during step 7, resumed by a new train.main)."""
   out, tmp_path = resumed_run.printed, resumed_run.out
-  assert "step 8 compiles the step's kernels first" in out and "the first at step 10" in out  # announced, before step 8
+  assert "step 8 compiles first" in out and "a checkpoint at step 10, then every 10" in out  # announced, before step 8
   assert out.index("step 8 compiles") < out.index("step 8/20")
   lines = [l for l in out.splitlines() if l.startswith("step ") and "|" in l]
   assert [l.split()[1] for l in lines[:3]] == ["8/20", "9/20", "10/20"]
   assert "compiling" in lines[0] and "compiling" in lines[1] and "tok/s" not in lines[0] + lines[1]
   eta = lines[2].split("ETA ")[1]
   assert "tok/s" in lines[2] and int(eta.split("m")[0]) == 0 and int(eta.split("m")[1][:2]) < 20  # 10 steps of ~0.1 s
-  rows = checkpoint.read_log(str(tmp_path / "log.jsonl"))[0]
+  rows = rundir.read_log(str(tmp_path / "log.jsonl"))[0]
   assert [r["tok_per_s"] > 0 for r in rows[7:10]] == [False, False, True]
 
 def test_a_terminated_run_saves_like_ctrl_c(tmp_path, monkeypatch):
@@ -144,4 +145,4 @@ def test_a_terminated_run_saves_like_ctrl_c(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e: train.main(TINY + ["--out", str(tmp_path)])
   finally: signal.signal(signal.SIGTERM, previous)
   assert e.value.code == 130 and steps(tmp_path) == [1, 2, 3]
-  assert checkpoint.load(str(tmp_path / "ckpt.safetensors"))[1]["step"] == 3
+  assert rundir.load(str(tmp_path / "ckpt.safetensors"))[1]["step"] == 3

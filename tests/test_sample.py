@@ -3,8 +3,24 @@ import json, re
 from html.parser import HTMLParser
 import numpy as np, pytest
 from tinygrad import Tensor
-import display, sample
+import sample
 from data import vocab
+from harness import display, rundir
+
+def page_data(path) -> dict:
+  """The JSON a page holds, with each sample's frames replayed from their changes into full states (None: masked)."""
+  data = json.loads(re.search(r'application/json">(.*?)</script>', path.read_text(), re.S)[1])
+  for s in data["samples"]:
+    s["states"], cur = [], []
+    for diff in s["frames"]:
+      cur = list(cur) + [None] * (1 + max([i for i, _ in diff], default=-1) - len(cur))
+      for i, t in diff: cur[i] = t
+      s["states"].append(cur)
+  return data
+
+def first_reveal(states) -> list[int]:
+  """For each position, the first frame that shows it revealed."""
+  return [next(k for k, st in enumerate(states) if st[i] is not None) for i in range(len(states[-1]))]
 
 def run(capsys, tiny_run, *flags) -> tuple[str, str]:
   sample.main(["--ckpt", str(tiny_run / "ckpt.safetensors"), "--steps", "8", *flags])
@@ -51,15 +67,17 @@ def test_html_replay_parses_and_holds_every_frame(capsys, tiny_run, tmp_path):
     def handle_data(self, data):
       if getattr(self, "inside", False): scripts.append(data)
   Scripts(convert_charrefs=True).feed(path.read_text())
-  data = json.loads(scripts[0])
+  assert json.loads(scripts[0])["labels"]  # the page parses as HTML, its data as JSON
+  data = page_data(path)
   assert len(data["labels"]) == 8 + 1 and "100.0% revealed" in data["labels"][-1] and "t = 0.000" in data["labels"][-1]
   for s, text in zip(data["samples"], out.split("-" * 40)):   # the final frame is the printed text, up to the end of text
-    assert max(s["revealed_at"]) == 8 and min(s["revealed_at"]) >= 1
-    assert "".join(s["tokens"][:s["end"]]).strip() == text.split("\n[cut:")[0].strip()
+    assert len(s["states"]) == 9 and max(first_reveal(s["states"])) == 8 and min(first_reveal(s["states"])) >= 1
+    assert "".join(s["states"][-1][:s["end"]]).strip() == text.split("\n[cut:")[0].strip()
+  assert "masked again" in path.read_text()  # the legend
 
 def test_a_story_is_shown_up_to_its_end_of_text_and_keep_going_shows_the_rest(capsys, tiny_run, monkeypatch):
   """The drawn tokens are planted (the tiny model seldom ends a story): the printed text stops where the story ends."""
-  _, keep, _ = sample.load(str(tiny_run / "ckpt.safetensors"))
+  _, keep, _ = rundir.load_model(str(tiny_run / "ckpt.safetensors"))
   eot, words = vocab.eot(keep), vocab.encode(" He was happy. She was sad.", keep)
   def planted(model, init, args, stop=None):
     x = np.tile(init, (2, 1))
@@ -81,7 +99,7 @@ def test_length_past_the_context_writes_block_by_block(capsys, tiny_run, tmp_pat
   assert out.startswith("Once upon a time") and vocab.MASK not in out
   assert "NFE 32" in err  # the EOT and 70 tokens: windows of 32 ending at 32, 48, 64 and 71, 8 steps each
   html = (tmp_path / "long.html").read_text()
-  assert "block 4  step 8/8" in html and len(json.loads(re.search(r'application/json">(.*?)</script>', html, re.S)[1])["labels"]) == 32 + 1
+  assert "block 4  step 8/8" in html and len(page_data(tmp_path / "long.html")["labels"]) == 32 + 1
   with pytest.raises(SystemExit) as e: sample.main(["--ckpt", str(tiny_run / "ckpt.safetensors"), "--race", str(tiny_run / "ckpt.safetensors")])
   assert "not an autoregressive twin" in str(e.value.code)
 
@@ -91,10 +109,10 @@ def test_race_off_a_terminal_prints_both_sides_and_writes_a_page(capsys, tiny_ru
   assert len(frames) == 5 and "\x1b" not in out and all("diffusion (8 NFE)" in f and "autoregressive twin (31 NFE)" in f for f in frames)
   assert frames[0].count(vocab.MASK) > frames[-1].count(vocab.MASK) == 0
   assert "diffusion: NFE 8 | autoregressive twin: NFE 31" in err  # time-conditioned: one evaluation a step; left to right: one a token
-  page = (tmp_path / "race.html").read_text()
-  data = json.loads(re.search(r'application/json">(.*?)</script>', page, re.S)[1])
+  page, data = (tmp_path / "race.html").read_text(), page_data(tmp_path / "race.html")
   assert [s["title"] for s in data["samples"]] == ["diffusion", "autoregressive twin"] and len(data["labels"]) == 31 + 1
-  assert max(data["samples"][0]["revealed_at"]) == 8 and sorted(data["samples"][1]["revealed_at"]) == list(range(1, 32))
+  assert max(first_reveal(data["samples"][0]["states"])) == 8
+  assert sorted(first_reveal(data["samples"][1]["states"])) == list(range(1, 32))  # one position an evaluation
   assert "http" not in page.replace("http://www.w3.org", "")  # self-contained
 
 @pytest.mark.parametrize("flags,message", [
@@ -107,7 +125,6 @@ def test_bad_prompts_are_one_line_errors(tiny_run, flags, message):
 
 def test_a_checkpoint_that_cannot_be_read_says_why_and_never_to_delete_it(tmp_path, tiny_run):
   """Not there, a directory, not a safetensors file, a safetensors file of something else, a newer version's."""
-  import checkpoint
   from tinygrad import Tensor
   def error(path) -> str:
     with pytest.raises(SystemExit) as e: sample.main(["--ckpt", str(path)])
@@ -117,10 +134,10 @@ def test_a_checkpoint_that_cannot_be_read_says_why_and_never_to_delete_it(tmp_pa
   assert "is a directory: pass the checkpoint in it" in error(tiny_run) and str(tiny_run / "ckpt.safetensors") in error(tiny_run)
   (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
   assert "is not a checkpoint" in error(tmp_path / "junk.safetensors")
-  checkpoint.save(str(tmp_path / "other.safetensors"), {"w": Tensor.ones(2, 2).contiguous()}, {"note": "someone else's"})
+  rundir.save(str(tmp_path / "other.safetensors"), {"w": Tensor.ones(2, 2).contiguous()}, {"note": "someone else's"})
   assert "not a tinymdlm checkpoint" in error(tmp_path / "other.safetensors")
-  tensors, meta = checkpoint.load(str(tiny_run / "ckpt.safetensors"))
-  checkpoint.save(str(tmp_path / "newer.safetensors"), tensors, {**meta, "format": checkpoint.FORMAT + 1})
+  tensors, meta = rundir.load(str(tiny_run / "ckpt.safetensors"))
+  rundir.save(str(tmp_path / "newer.safetensors"), tensors, {**meta, "format": rundir.FORMAT + 1})
   assert "newer tinymdlm" in error(tmp_path / "newer.safetensors")
 
 @pytest.mark.parametrize("flags", [["--temperature", "nan"], ["--temperature", "inf"], ["--temperature", "-1"], ["--top-p", "0"],
@@ -144,8 +161,7 @@ def test_it_says_what_it_loaded_and_where_it_wrote(capsys, tiny_run, tmp_path):
 def test_the_page_shows_characters_split_over_tokens_whole(capsys, tiny_run, tmp_path):
   """GPT-2 writes a curly quote as two tokens; decoded one token at a time each would be U+FFFD."""
   run(capsys, tiny_run, "--prompt", "Tom said “hi” and didn’t [MASK*5].", "--html", str(tmp_path / "q.html"))
-  data = json.loads(re.search(r'application/json">(.*?)</script>', (tmp_path / "q.html").read_text(), re.S)[1])
-  text = "".join(data["samples"][0]["tokens"])
+  text = "".join(page_data(tmp_path / "q.html")["samples"][0]["states"][-1])
   assert text.startswith("Tom said “") and "” and didn’" in text and "\ufffd" not in text  # ("hi", "t": <unk> at K = 512)
   assert "overflow-wrap:anywhere" in (tmp_path / "q.html").read_text()  # an all-masked frame is one long word
 
@@ -154,11 +170,21 @@ def test_frames_never_write_control_characters_and_fall_back_to_snapshots_when_t
   from data.tokenizer import gpt2
   controls = [gpt2().encode_single_token(b) for b in (b"\x08", b"\x11")]  # GPT-2 has a token for every byte
   tokens = np.array(vocab.encode("Tom", keep).tolist() + controls + vocab.encode(" ran.", keep).tolist())
-  text = display.frame_text(tokens, np.zeros(len(tokens), int), 1, keep, 50257, color=True)
+  masked = np.full(len(tokens), 50257)
+  text = display.frame_text(tokens, masked, np.zeros(len(tokens), bool), keep, 50257, color=True)
   assert "\x08" not in text and "\x11" not in text and "␈" in text and "Tom" in text
   monkeypatch.setattr(display.shutil, "get_terminal_size", lambda: __import__("os").terminal_size((20, 4)))
-  texts = [("", tokens, np.zeros(len(tokens), int), 1)] * 3  # three samples: taller than 4 rows
+  texts = [("", np.stack([tokens] * 3), np.stack([masked] * 3))]  # three samples: taller than 4 rows
   assert display.show("step 1", texts, 0, np.ones(len(tokens), bool), keep, 50257, True, 1000) is False
   out = capsys.readouterr().out
   assert "\x1b[H" not in out and "snapshots instead" in out and "-" * 40 in out
 
+def test_a_frame_shows_each_position_as_it_is_in_that_frame_a_token_masked_again_too():
+  """Frames are states, not first reveals: a remasking sampler can mask a revealed token again, and it shows as masked
+  (red) in that frame, then as whatever is revealed there later."""
+  M = 50257
+  before, now = np.array([5, M, 7, 8]), np.array([5, 6, M, 8])
+  kinds = display.kinds(now, before, np.array([True, False, False, False]), M, None)
+  assert kinds.tolist() == [display.GIVEN, display.NEW, display.REMASKED, display.OLD]
+  text = display.frame_text(now, before, np.array([True, False, False, False]), None, M, color=True)
+  assert "\x1b[31m" + vocab.MASK in text and "\x1b[1;32m" in text  # red mask, green new token

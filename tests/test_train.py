@@ -3,7 +3,8 @@ import json, math, os, signal
 from xml.etree import ElementTree
 import numpy as np, pytest
 from tinygrad import Tensor
-import checkpoint, model, train
+import model, train
+from harness import devices, rundir
 from conftest import TINY
 
 def losses(out) -> list[float]:
@@ -24,14 +25,14 @@ def test_log_has_every_field_and_the_loss_falls(tiny_run):
   assert len(svg.findall("{http://www.w3.org/2000/svg}polyline")) == 2
 
 def test_evaluation_is_deterministic(tiny_run):
-  tensors, meta = checkpoint.load(str(tiny_run / "ckpt.safetensors"))
-  m = model.Denoiser(checkpoint.config(meta))
+  tensors, meta = rundir.load(str(tiny_run / "ckpt.safetensors"))
+  m = model.Denoiser(rundir.config(meta))
   for k, v in model.parameters(m).items(): v.assign(tensors["model." + k]).realize()
   args = train.resolve(train.parse_args(TINY))
   from data import prepare
   ds = prepare.load("sample")
   keep = tensors["vocab.keep"].numpy()
-  evaluate = train.make_evaluate(train.devices.replicas(m, train.devices.for_batch(args.batch_size)), ds["val"], keep, args, m.cfg.mask_id, 2)
+  evaluate = train.make_evaluate(devices.replicas(m, devices.for_batch(args.batch_size)), ds["val"], keep, args, m.cfg.mask_id, 2)
   a, b = evaluate(), evaluate()
   assert a == b and 0 < a[0] < 10 and 0 < a[1] < 0.2
 
@@ -40,29 +41,30 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_run, resumed_run):
   assert resumed_run.code == 130 and resumed_run.stopped_losses == losses(tiny_run)[:7]
   assert losses(resumed_run.out) == losses(tiny_run)
 
-def test_a_write_killed_before_the_rename_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+def test_a_write_killed_before_the_rename_keeps_the_previous_checkpoint_and_leaves_no_temp_file(tmp_path, monkeypatch):
   replace, saves = os.replace, []
   def dying_replace(src, dst):
     saves.append(dst)
     if str(dst).endswith(".safetensors") and len([s for s in saves if str(s).endswith(".safetensors")]) == 2: raise OSError("killed")
     return replace(src, dst)
-  monkeypatch.setattr(checkpoint.os, "replace", dying_replace)
-  with pytest.raises(OSError, match="killed"): train.main(TINY + ["--steps", "4", "--eval-every", "2", "--out", str(tmp_path)])
-  tensors, meta = checkpoint.load(str(tmp_path / "ckpt.safetensors"))
-  assert meta["step"] == 2 and "model.tok_emb" in tensors
+  monkeypatch.setattr(rundir.os, "replace", dying_replace)
+  with pytest.raises(SystemExit) as e: train.main(TINY + ["--steps", "4", "--eval-every", "2", "--out", str(tmp_path)])
+  assert str(e.value.code).startswith("error: cannot write") and "\n" not in str(e.value.code)
+  tensors, meta = rundir.load(str(tmp_path / "ckpt.safetensors"))
+  assert meta["step"] == 2 and "model.tok_emb" in tensors and not list(tmp_path.glob("*.tmp"))
 
 def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-  make = train.devices.train_step
+  make = train.make_step
   def poisoned(*a, **kw):
     step, n = make(*a, **kw), []
     def run(*x, **kw):
       n.append(1)
       return Tensor(float("nan")) if len(n) == 3 else step(*x, **kw)
     return run
-  monkeypatch.setattr(train.devices, "train_step", poisoned)
+  monkeypatch.setattr(train, "make_step", poisoned)
   with pytest.raises(SystemExit) as e: train.main(TINY + ["--steps", "6", "--eval-every", "2", "--out", str(tmp_path)])
   assert "loss became nan at step 3" in str(e.value.code) and "last good checkpoint" in str(e.value.code)
-  assert checkpoint.load(str(tmp_path / "ckpt.safetensors"))[1]["step"] == 2
+  assert rundir.load(str(tmp_path / "ckpt.safetensors"))[1]["step"] == 2
 
 def test_resuming_with_another_config_is_refused(tiny_run):
   with pytest.raises(SystemExit) as e: train.main(["--out", str(tiny_run), "--resume", "--dim", "64"])
@@ -90,7 +92,7 @@ def test_the_autoregressive_twin_trains_evaluates_and_samples(tiny_ar_run, capsy
   import sample
   evals = [r for r in map(json.loads, open(tiny_ar_run / "log.jsonl")) if r["val_nelbo"] is not None]
   assert [r["val_nelbo_se"] for r in evals] == [0.0, 0.0] and evals[1]["val_nelbo"] < evals[0]["val_nelbo"] < math.log(513)
-  _, meta = checkpoint.load(str(tiny_ar_run / "ckpt.safetensors"))
+  _, meta = rundir.load(str(tiny_ar_run / "ckpt.safetensors"))
   assert meta["config"]["causal"] and not meta["config"]["time_cond"]
   capsys.readouterr()
   sample.main(["--ckpt", str(tiny_ar_run / "ckpt.safetensors"), "--prompt", "Once upon a time", "--length", "16"])
@@ -104,4 +106,4 @@ def test_one_long_text_trains_on_random_windows(tmp_path, capsys):
   book.write_text(" ".join(f"Tom saw {i % 50} birds and a cat." for i in range(2000)))
   train.main(["--preset", "tiny", "--data", str(book), "--steps", "2", "--eval-every", "2", "--out", str(tmp_path / "run")])
   assert "| random windows |" in next(l for l in capsys.readouterr().out.splitlines() if l.startswith("device"))
-  assert checkpoint.load(str(tmp_path / "run" / "ckpt.safetensors"))[1]["args"]["windows"] == "random"
+  assert rundir.load(str(tmp_path / "run" / "ckpt.safetensors"))[1]["args"]["windows"] == "random"
