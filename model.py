@@ -64,10 +64,12 @@ class Block:
     self.up, self.down = Linear(dim, 4 * dim, bias=False), Linear(4 * dim, dim, bias=False)
     self.ada = zero_linear(dim, 6 * dim)
 
-  def __call__(self, x:Tensor, c:Tensor, cos:Tensor, sin:Tensor, attn_bias:Tensor|None=None) -> Tensor:
-    """x: (B, T, D); c: (B, D), the time embedding; attn_bias: see `attention`."""
+  def __call__(self, x:Tensor, mod:Tensor, cos:Tensor, sin:Tensor, attn_bias:Tensor|None=None) -> Tensor:
+    """x: (B, T, D); mod: (B, 6D), self.ada(c.silu()) of the time embedding c (computed for all blocks at once by
+    the Denoiser); attn_bias: see `attention`."""
     B, T, D = x.shape
-    shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c.silu()).unsqueeze(1).chunk(6, dim=-1)  # each (B, 1, D)
+    # contiguous_backward: its gradient in a buffer of its own, not summed again in every block's gradient kernel
+    shift1, scale1, gate1, shift2, scale2, gate2 = mod.contiguous_backward().unsqueeze(1).chunk(6, dim=-1)  # (B, 1, D)
     q, k, v = [y.reshape(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)  # (B, H, T, D/H)
                for y in self.qkv(modulate(x, shift1, scale1)).chunk(3, dim=-1)]
     q, k = rope(q, cos, sin).contiguous(), rope(k, cos, sin).contiguous()
@@ -103,7 +105,10 @@ class Denoiser:
     h = speed.embed(self.tok_emb, x, self.dtype)                          # tok_emb[x]
     cos, sin = self.rope[0][:T], self.rope[1][:T]
     attn_bias = self.causal[:T, :T] if self.cfg.causal else None
-    for block in self.blocks: h = block(h, c, cos, sin, attn_bias)
+    # every block's ada(c.silu()) in one matmul on their weights side by side: its gradient for c is then one long sum
+    w, b = [Tensor.cat(*[getattr(block.ada, k) for block in self.blocks]).cast(self.dtype) for k in ("weight", "bias")]
+    for block, mod in zip(self.blocks, c.silu().linear(w.T, b).chunk(len(self.blocks), dim=-1)):  # each (B, 6D)
+      h = block(h, mod, cos, sin, attn_bias)
     shift, scale = self.ada_final(c.silu()).unsqueeze(1).chunk(2, dim=-1)
     logits = speed.tied_head(modulate(h, shift, scale), self.tok_emb.cast(self.dtype))  # h @ tok_embᵀ: head = embedding
     return logits.float() + self.subs

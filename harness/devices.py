@@ -48,6 +48,8 @@ def choose():
     sys.exit(f"error: DEV={Device.DEFAULT} cannot be used on this machine ({type(e).__name__}: "
              f"{(str(e) or '?').splitlines()[0]}): set DEV to a backend it has (DEV=CPU works with clang), or unset it")
   prefer_cpu_backend()
+  if Device[Device.DEFAULT].renderer.has_local and not is_cpu():  # a GPU (or its compiler, on NULL): fill it
+    for key, value in kernels.GPU_SPLIT.items(): os.environ.setdefault(key, value)
 
 def name(device:str|None=None) -> str:
   d = Device[device := device or Device.DEFAULT]

@@ -20,6 +20,13 @@ except ImportError: realize = None
 # kernels when it captures, after the captured function has returned.
 STEP_CONTEXT = dict(TC_OPT=1)
 
+# GPU backends: tinygrad splits a reduction into partial sums (schedule/rangeify.py, split_reduceop) once it adds at
+# least REDUCEOP_SPLIT_THRESHOLD numbers into each output, into up to 2^REDUCEOP_SPLIT_SIZE partial outputs. Its
+# defaults (32768, 22) leave a weight gradient (the B·T tokens added into each of a few hundred thousand outputs) on
+# fewer thread blocks than a GPU has multiprocessors, most of them idle (BENCHMARKS.md). tinygrad reads both once (a
+# cached getenv): devices.choose() sets them, before anything is compiled, for a GPU backend only.
+GPU_SPLIT = {"REDUCEOP_SPLIT_THRESHOLD": "16384", "REDUCEOP_SPLIT_SIZE": "25"}
+
 def kernel_key(ast:"UOp") -> str:
   """A kernel's identity whatever device it runs on: its AST with the device of each buffer left out."""
   params = {u: u.replace(arg=replace(u.arg, device=None)) for u in ast.toposort() if u.op is Ops.PARAM}

@@ -7,7 +7,7 @@ from tinygrad.nn.state import get_state_dict
 import argparse
 from harness import devices
 from harness.devices import replicas, supported_dtype
-from model import Config, Denoiser, modulate, parameters, rmsnorm
+from model import Config, Denoiser, modulate, parameters, rmsnorm, time_features
 from diffusion import SCHEDULES, antithetic_times, nelbo
 from test_diffusion import estimate
 
@@ -30,7 +30,7 @@ def test_every_block_is_the_identity_at_init():
   h = model.tok_emb[x]
   c = model.t_out(model.t_in(Tensor.randn(2, 256)).silu())
   cos, sin = model.rope[0], model.rope[1]
-  for block in model.blocks: np.testing.assert_array_equal(block(h, c, cos, sin).numpy(), h.numpy())
+  for block in model.blocks: np.testing.assert_array_equal(block(h, block.ada(c.silu()), cos, sin).numpy(), h.numpy())
   expected = rmsnorm(h) @ model.tok_emb.T   # final adaLN is zero too: logits = rmsnorm(emb) · embᵀ
   np.testing.assert_allclose(model(x, t).numpy()[..., :CFG.n_tokens], expected.numpy()[..., :CFG.n_tokens], rtol=1e-5, atol=1e-6)
 
@@ -78,6 +78,28 @@ def test_time_conditioning_changes_output_only_when_on():
     early, late = (model(x, Tensor([t, t])).numpy()[..., :CFG.n_tokens] for t in (0.1, 0.9))
     diff = np.abs(early - late).max()
     assert (diff > 1e-4) if time_cond else (diff == 0)
+
+def test_all_blocks_modulations_in_one_matmul_are_each_blocks_own_adaln():
+  """The Denoiser computes every block's ada(c.silu()) in one matmul (speed: one long sum for c's gradient); logits and
+  every gradient must be those of each block computing its own, the formula of the DiT."""
+  Tensor.manual_seed(5)
+  model = Denoiser(CFG)
+  randomize_modulation(model)
+  x, t = inputs()
+  def per_block(x, t):  # Denoiser.__call__ with each block's own modulation
+    c = model.t_out(model.t_in(time_features(t)).silu())
+    h = model.tok_emb[x]
+    for b in model.blocks: h = b(h, b.ada(c.silu()), model.rope[0], model.rope[1])
+    shift, scale = model.ada_final(c.silu()).unsqueeze(1).chunk(2, dim=-1)
+    return (modulate(h, shift, scale) @ model.tok_emb.T).float() + model.subs
+  results, r = [], Tensor.randn(2, CFG.seq_len, CFG.n_tokens).realize()
+  for f in (model, per_block):
+    for p in parameters(model).values(): p.grad = None
+    with Context(TRAINING=1):
+      logits = f(x, t)
+      (logits[..., :CFG.n_tokens].log_softmax(-1) * r).sum().backward()
+    results.append([logits.numpy()] + [p.grad.numpy() for p in parameters(model).values()])
+  for a, b in zip(*results): np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 def test_parameter_count_matches_the_architecture():
   d, V = CFG.dim, CFG.padded_vocab
