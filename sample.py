@@ -148,7 +148,12 @@ def main(argv=None):
   cli.plain_output()
   args = parse_args(argv)
   devices.choose()
-  s = setup(args)
+  try: sample(args, setup(args))
+  except KeyboardInterrupt: cli.interrupted("sampling stopped")
+  except MemoryError as e: sys.exit(f"error: {cli.why(e)}")
+
+def sample(args, s):
+  """One run of the reverse process (or the quality table), then the texts, the page, the figures, a summary."""
   cfg, gen, tty = s.model.cfg, s.init == s.model.cfg.mask_id, sys.stdout.isatty()
   args.steps = int(gen.sum()) if cfg.causal else args.steps or -(-int(gen[:cfg.seq_len].sum()) // 4)  # twin: per token
   if args.sweep: return quality.sweep(args, s, reverse_process)  # the quality table instead of one run
@@ -174,6 +179,4 @@ def main(argv=None):
         f"{nfes[-1]}" for side, _, nfes in runs) + f" | {wall:.1f} s" + " (with animation delays)" * (args.visualize
         and tty) + f" | {len(runs) * args.num_samples * gen.sum() / wall:,.0f} tokens/s", file=sys.stderr)
 
-if __name__ == "__main__":
-  try: main()
-  except KeyboardInterrupt: sys.exit(cli.interrupted("sampling stopped"))
+if __name__ == "__main__": main()

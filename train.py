@@ -198,6 +198,7 @@ def train(args, run:dict):
   tensors, meta, ds, keep, stories = setup(args)
   model, ema, opt, rng = build(args, tensors, meta, keep)
   devs, mask_id = devices.for_batch(args.batch_size, args.devices), model.cfg.mask_id
+  if shipped := kernels.pin_shipped(args.preset, devs[0]): print(shipped)  # searched schedules, on a GPU they fit
   step = make_step(devices.replicas(model, devs), opt, objective(args, mask_id), args.grad_clip, ema)
   copies = devices.replicas(ema or model, devs)
   evaluate = [make_evaluate(copies, ds["val"], keep, args, mask_id, d) for d in (args.eval_draws, args.final_draws)]
@@ -248,9 +249,9 @@ def main(argv=None):
     devices.choose()
     train(args, run)
   except KeyboardInterrupt:
-    sys.exit(cli.interrupted(f"{args.out}/ckpt.safetensors holds step {run['saved']} (continue with --resume)"
-                             if run["saved"] else "nothing was saved"))
-  except (DataError, ValueError, FileNotFoundError) as e: sys.exit(f"error: {e}")
+    cli.interrupted(f"{args.out}/ckpt.safetensors holds step {run['saved']} (continue with --resume)" if run["saved"]
+                    else "nothing was saved")
+  except (DataError, ValueError, FileNotFoundError, MemoryError) as e: sys.exit(f"error: {cli.why(e)}")
   if run["stop"]: sys.exit(130)
 
 if __name__ == "__main__": main()

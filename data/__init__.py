@@ -13,5 +13,6 @@ def explain(e:OSError) -> str:
           errno.ENOENT: "a directory on the way does not exist (or is a dangling link): create it first",
           errno.ENOTDIR: "a part of the path is a file, not a directory: choose another path",
           errno.EISDIR: "it is a directory: name a file",
+          errno.EEXIST: "a file (or a broken link) is in the way: choose another path",
           errno.ENOMEM: "out of memory: close other programs, or use a smaller --batch-size"}
   return what.get(e.errno, f"{e.strerror or e}: check the path and the disk")

@@ -37,10 +37,17 @@ def plain_output():
     if hasattr(stream, "reconfigure"): stream.reconfigure(errors="replace")
   if hasattr(signal, "SIGPIPE"): signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
-def interrupted(what:str) -> str:
-  """The one line for a Ctrl-C that stopped `what`, and the terminal left clean (colours off, cursor shown)."""
+def interrupted(what:str):
+  """Exits as a Ctrl-C should (code 130) with one line that says what it stopped and what is on disk, the terminal
+  left clean (colours off, cursor shown)."""
   if sys.stdout.isatty(): print("\x1b[0m\x1b[?25h", end="", flush=True)
-  return f"\ninterrupted: {what}"
+  print(f"\ninterrupted: {what}", file=sys.stderr, flush=True)
+  sys.exit(130)
+
+def why(e:Exception) -> str:
+  """An error's one line: its message, or for running out of memory what to do."""
+  return "out of memory: use a smaller --batch-size (or --num-samples), or close other programs" \
+    if isinstance(e, MemoryError) else str(e)
 
 def stop_after_step(run:dict):
   """Ctrl-C, kill and timeout (SIGINT, SIGTERM) during a run: the first stops it after the step in progress, which

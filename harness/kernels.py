@@ -4,7 +4,7 @@ lowering (`tinygrad.engine.realize.lower_and_compile`, an internal function list
 the hook in place, and only code that uses it calls it: a run on several devices of one backend (each kernel compiled
 once for all of them) and pinned schedules (harness/bench.py). Where this tinygrad has no such function, install()
 says so in one line and everything still runs, compiling per device, without the pins."""
-import sys
+import json, os, sys
 from dataclasses import replace
 try:
   from tinygrad.codegen.opt import KernelOptError, Opt, OptOps
@@ -33,17 +33,30 @@ def kernel_key(ast:"UOp") -> str:
   return ast.substitute(params).key.hex()
 
 pinned: dict[str, tuple] = {}    # kernel_key -> the schedule (opts) to apply, from `pin`
+lenient: set[str] = set()        # keys whose schedule is dropped, said in a line, when it no longer fits its kernel
 compiled: dict = {}              # each compiled kernel (a PROGRAM) -> its kernel_key and its AST before opts
 _original = None                 # tinygrad's lower_and_compile, once install() has replaced it
+SCHEDULES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schedules")  # ARCH.json, from bench --search
 
-def pin(schedules:list[dict]) -> bool:
+def pin(schedules:list[dict], strict:bool=True) -> bool:
   """Apply these schedules (from `bench --search`: kernel key, name, opts) whenever their kernels are compiled, instead
-  of tinygrad's heuristic or a search. A schedule whose opts no longer fit its kernel is a compile error that names it;
-  `unmatched` lists the schedules whose kernels were not compiled. False (and nothing pinned) without the hook."""
+  of tinygrad's heuristic or a search. One whose opts no longer fit its kernel is a compile error that names it (not
+  strict: it is dropped, said in one line); `unmatched` lists those whose kernels were not compiled. False (and
+  nothing pinned) without the hook."""
   if not install(): return False
   pinned.update({s["key"]: tuple(Opt(OptOps[op], axis, tuple(arg) if isinstance(arg, list) else arg)
                                  for op, axis, arg in s["opts"]) for s in schedules})
+  if not strict: lenient.update(s["key"] for s in schedules)
   return True
+
+def pin_shipped(preset:str, device:str, folder:str=SCHEDULES) -> str|None:
+  """The schedules searched for the default GPU preset's step (base) on this GPU's architecture, shipped in folder,
+  pinned leniently; the line that says so, or None where there are none."""
+  from tinygrad import Device
+  path = os.path.join(folder, f"{getattr(Device[device].renderer.target, 'arch', None)}.json")
+  if preset != "base" or not os.path.exists(path) or not pin(schedules := json.load(open(path)), strict=False):
+    return None
+  return f"{len(schedules)} kernel schedules searched for this step on this GPU pinned ({os.path.relpath(path)})"
 
 def unmatched() -> list[str]: return sorted(set(pinned) - {key for key, _ in compiled.values()})
 
@@ -77,6 +90,11 @@ def _lower_and_compile(linear:"UOp") -> "UOp":
   try: out = _original(linear.substitute(subs) if subs else linear)
   except KernelOptError as e:
     if not pins: raise
+    if all(k in lenient for k in pins):  # shipped schedules: compile those kernels as tinygrad would, and say so
+      print(f"note: {len(pins)} pinned schedule(s) no longer fit their kernels ({e}): compiled without them",
+            file=sys.stderr)
+      for k in pins: pinned.pop(k, None)
+      return _lower_and_compile(linear)
     raise KernelOptError(f"a pinned schedule no longer fits its kernel ({e}; kernels {', '.join(k[:12] for k in pins)})"
                          ": search again with python -m harness.bench --profile --search") from e
   for before, after in zip(linear.src, out.src):

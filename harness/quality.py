@@ -84,6 +84,8 @@ def score(args, s, run:tuple, seconds:float) -> list[dict]:
   """--quality: the figures of a run's final samples (run: side, states, NFE after each, as sample.py records them), of
   as much held-out text, and of the judge's own samples (at --temperature, --top-p)."""
   _, states, nfes = run
+  print(f"scoring {len(states[-1])} samples under the judge, with its own and held-out text for reference...",
+        file=sys.stderr, flush=True)
   extra = {"nfe": nfes[-1], "nfe_per_sample": nfe_per_sample(states, nfes, s.model.cfg.mask_id), "seconds": seconds}
   Tensor.manual_seed(args.seed)
   n = min(len(s.init) - s.first, s.judge.cfg.seq_len - 1)  # as long as the samples

@@ -188,3 +188,18 @@ def test_a_frame_shows_each_position_as_it_is_in_that_frame_a_token_masked_again
   assert kinds.tolist() == [display.GIVEN, display.NEW, display.REMASKED, display.OLD]
   text = display.frame_text(now, before, np.array([True, False, False, False]), None, M, color=True)
   assert "\x1b[31m" + vocab.MASK in text and "\x1b[1;32m" in text  # red mask, green new token
+
+def test_without_ckpt_it_samples_your_own_run_if_there_is_one_else_the_shipped_model(tiny_run, tiny_ar_run, tmp_path,
+                                                                                      monkeypatch, capsys):
+  """A fresh clone has no out/ckpt.safetensors: sample.py then uses the shipped model (and --race its shipped twin)
+  and says so; once the user has trained one, theirs."""
+  monkeypatch.setattr(rundir, "SHIPPED", {"mdlm": str(tiny_run / "ckpt.safetensors"),
+                                          "twin": str(tiny_ar_run / "ckpt.safetensors")})
+  monkeypatch.chdir(tmp_path)
+  sample.main(["--steps", "2", "--race", "--length", "8"])
+  err = capsys.readouterr().err
+  assert "the model shipped in models/ (you have no out/ckpt.safetensors yet)" in err and "autoregressive twin: NFE" in err
+  (tmp_path / "out").mkdir()
+  (tmp_path / "out" / "ckpt.safetensors").write_bytes((tiny_run / "ckpt.safetensors").read_bytes())
+  sample.main(["--steps", "2"])
+  assert "out/ckpt.safetensors: MDLM" in capsys.readouterr().err.replace(str(tmp_path) + "/", "")
