@@ -98,8 +98,12 @@ def setting(sampler:str, steps:int, temperature:float=1.0, top_p:float=1.0, **op
   return dict(sampler=sampler, steps=steps, temperature=temperature, top_p=top_p, **options)
 
 SWEEP = ([setting("ancestral", n) for n in (32, 128)] + [setting("ancestral", n, 0.8, 0.9) for n in (16, 32, 128)] +
-         [setting("confidence", n, choice_noise=c) for c in (0.0, 1.0, 2.0, 4.0) for n in (16, 32)] +
-         [setting("confidence", 32, choice_noise=3.0), setting("confidence", 32, 0.8, 0.9, choice_noise=1.0)])
+         [setting("confidence", n, choice_noise=c) for c in (0.0, 2.0, 4.0) for n in (16, 32)] +
+         [setting("confidence", 32, choice_noise=c) for c in (1.0, 3.0)] +
+         [setting("threshold", 128, tau=tau) for tau in (0.3, 0.5, 0.7, 0.9)] +
+         [setting("threshold", 128, 0.8, 0.9, tau=tau) for tau in (0.5, 0.7)] +
+         [setting("remdm", n, eta=0.02, t_on=0.55, t_off=0.05) for n in (32, 128)] +
+         [setting("remdm", n, 0.8, 0.9, eta=0.02, t_on=0.55, t_off=0.05) for n in (32, 128)])
 
 def sweep(args, s, reverse_process) -> list[dict]:
   """--sweep: the same prompt through each SWEEP setting, scored, and plotted into args.sweep."""

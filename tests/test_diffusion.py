@@ -138,11 +138,12 @@ def test_sampler_never_changes_given_or_revealed_tokens(method, cache):
   masks = [(s[0] == V).sum() for s in states]
   assert masks == sorted(masks, reverse=True) and states[-1][1] == 0
 
-@pytest.mark.parametrize("cache", [False, True])
-def test_ancestral_frequencies_match_iid_oracle(cache):
-  """Chi-square goodness of fit at a fixed seed (critical value for 4 d.o.f. at p = 0.001 is 18.47)."""
+@pytest.mark.parametrize("cache,method", [(False, "ancestral"), (True, "ancestral"), (False, "remdm")])
+def test_exact_samplers_frequencies_match_iid_oracle(cache, method):
+  """Chi-square goodness of fit at a fixed seed (critical value for 4 d.o.f. at p = 0.001 is 18.47). Remasking keeps
+  the marginals (ReMDM's cap), and a position masked again is drawn with fresh noise."""
   Tensor.manual_seed(7)
-  final = run(iid_oracle, Tensor.full((32, 64), V).contiguous(), 16, cache=cache)[-1][0]
+  final = run(iid_oracle, Tensor.full((32, 64), V).contiguous(), 16, method, cache=cache, eta=0.3)[-1][0]
   counts = np.bincount(final.ravel(), minlength=V)
   expected = P * final.size
   assert ((counts - expected) ** 2 / expected).sum() < 18.47
@@ -303,3 +304,54 @@ def test_blocks_stop_once_every_row_has_written_the_end_of_text():
   assert nfe == 4 * 3 and (final[:, 16:] == M).all() and (final[:, :16] != M).all()  # the third block, ending at 16, wrote it
   final, _, nfe = [*sample_blocks(counting_oracle, Tensor(init[1:]), M, 4, context=8, stop_id=10, first=1)][-1]
   assert nfe == 4 * 5  # position 0 (a given 10) does not count: 10 comes again at 20, in the fifth block (ending at 24)
+
+# ***** samplers that decide how many tokens to write, and remasking *****
+
+def sharp_oracle(beta:float):
+  """An i.i.d. oracle of tokens from softmax(beta · log P): the larger beta, the surer it is of its likeliest token."""
+  logp = np.log(P) * beta
+  logp = logp - np.log(np.exp(logp).sum())
+  table = np.full(PAD, -np.inf, np.float32); table[:V] = logp
+  return lambda x, t: Tensor(table).reshape(1, 1, PAD).expand(x.shape[0], x.shape[1], PAD)
+
+def test_the_threshold_sampler_needs_fewer_evaluations_the_surer_the_model_and_keeps_the_prompt():
+  """Reveals every position above tau (at least one a step): an oracle sure of its token (p = 0.997) writes 24 tokens
+  in a couple of evaluations, one that is not (p = 0.4 < tau) in as many as the cap allows; the prompt stays."""
+  init = np.full((4, 28), V, np.int32)
+  init[:, :4] = [1, 2, 3, 4]
+  nfes = []
+  for beta in (1.0, 8.0):
+    Tensor.manual_seed(15)
+    states = run(sharp_oracle(beta), Tensor(init), 24, method="threshold", tau=0.9)
+    final, nfe = states[-1][0], states[-1][2]
+    assert (final != V).all() and (final[:, :4] == [1, 2, 3, 4]).all() and states[-1][1] == 0
+    for (a, _, _), (b, _, _) in zip(states, states[1:]): assert (b[a != V] == a[a != V]).all()  # no token changes
+    nfes.append(nfe)
+  assert nfes[0] == 24 and nfes[1] <= 3, nfes  # not sure: one a step, up to the cap; sure: nearly all at once
+
+def test_remasking_with_eta_zero_is_the_ancestral_sampler_exactly():
+  init = np.full((3, 24), V, np.int32)
+  init[:, :3] = [0, 1, 2]
+  runs = []
+  for method, kw in (("ancestral", {}), ("remdm", {"eta": 0.0})):
+    Tensor.manual_seed(16)
+    runs.append(run(repeat_oracle, Tensor(init), 20, method=method, **kw))
+  for (a, s, n), (b, s2, n2) in zip(*runs): assert (a == b).all() and s == s2 and n == n2
+
+def test_remasking_changes_only_revealed_tokens_that_the_prompt_did_not_give_and_only_in_its_window():
+  """With eta > 0 a revealed token may be masked again (then revealed anew), only for t_off < t <= t_on, never one the
+  prompt gave, and never turned into another token without being masked first. The run still ends with every position
+  written."""
+  init = np.full((8, 32), V, np.int32)
+  init[:, :4] = [1, 2, 3, 4]; init[:, 16] = 0
+  given = init != V
+  Tensor.manual_seed(17)
+  states = run(iid_oracle, Tensor(init), 40, method="remdm", eta=0.5, t_on=0.6, t_off=0.2)
+  remasked = 0
+  for (a, t, _), (b, s, _) in zip(states, states[1:]):
+    again = (a != V) & (b == V)
+    assert not (again & given).any() and (b[given] == init[given]).all()
+    assert ((a == b) | (a == V) | (b == V)).all()  # a token changes only by being masked again
+    if again.any(): assert 0.2 < t <= 0.6 + 1e-9, t
+    remasked += again.sum()
+  assert remasked > 10 and (states[-1][0] != V).all()
