@@ -44,8 +44,7 @@ def mask_counts(u:np.ndarray, n:int, length:int) -> np.ndarray:
   """(A, n) numbers of masked tokens for `nelbo_by_count`, spread evenly over 1..L: k_i = 1 + ⌊L·((u + i/n) mod 1)⌋."""
   return 1 + np.floor(strata(u, n) * length).astype(np.int32)
 
-def forward_process(x0:Tensor, t:Tensor, mask_id:int, schedule:str="loglinear",
-                    u:Tensor|None=None) -> tuple[Tensor, Tensor]:
+def forward_process(x0:Tensor, t:Tensor, mask_id:int, schedule:str="loglinear", u:Tensor|None=None) -> tuple:
   """q(x_t | x_0): each token independently becomes MASK with probability 1 − α(t). Returns (x_t, masked)."""
   u = Tensor.rand(*x0.shape) if u is None else u
   masked = u < (1 - SCHEDULES[schedule].alpha(t)).unsqueeze(1)
@@ -81,9 +80,8 @@ def nelbo_by_count(denoiser:Denoiser, x0:Tensor, k:Tensor, u:Tensor, mask_id:int
   return masked.where(-log_p, 0).sum(-1) / k
 
 def stratified_mean(e:np.ndarray) -> tuple[float, float]:
-  """Mean and standard error of estimates e (N, K) (window n, stratum j of its mask counts, independent draws). The
-  error is that of the draws for these windows: adjacent strata are paired and each pair's squared difference estimates
-  the sum of their variances (collapsed strata: a slight overestimate, by the spread of the strata's own means)."""
+  """Mean and standard error of estimates e (N, K) (window n, stratum j of its mask counts): the error of the draws for
+  these windows, adjacent strata paired (each pair's squared difference estimates the sum of their variances)."""
   e = np.asarray(e, np.float64)
   if e.shape[1] % 2: raise ValueError(f"the standard error needs an even number of strata per window, got {e.shape[1]}")
   return float(e.mean()), float(np.sqrt(((e[:, 0::2] - e[:, 1::2]) ** 2).sum()) / e.size)
@@ -234,9 +232,8 @@ def sample_blocks(denoiser:Denoiser, x:Tensor, mask_id:int, steps:int, context:i
 
 def sample_ar(denoiser:Denoiser, x:Tensor, mask_id:int, temperature:float=1.0, top_p:float=1.0,
               stop_id:int|None=None) -> Iterator[tuple[Tensor, float, int]]:
-  """The autoregressive twin's sampler, yielding as `sample` does: left to right, each MASK at position i > 0 is drawn
-  from the logits at i − 1, one network evaluation per position. Text after a MASK is not seen before it is reached.
-  Stops early once every row has written stop_id (an end of text)."""
+  """The autoregressive twin's sampler, yielding as `sample` does: left to right, each MASK at position i > 0 drawn from
+  the logits at i − 1, one network evaluation per position; it stops once every row has written stop_id."""
   B, T = x.shape
   V = denoiser(x, Tensor.zeros(B)).shape[-1]
   @TinyJit

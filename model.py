@@ -65,10 +65,8 @@ class Block:
     self.ada = zero_linear(dim, 6 * dim)
 
   def __call__(self, x:Tensor, mod:Tensor, cos:Tensor, sin:Tensor, attn_bias:Tensor|None=None) -> Tensor:
-    """x: (B, T, D); mod: (B, 6D), self.ada(c.silu()) of the time embedding c (computed for all blocks at once by
-    the Denoiser); attn_bias: see `attention`."""
-    B, T, D = x.shape
-    # contiguous_backward: its gradient in a buffer of its own, not summed again in every block's gradient kernel
+    """x: (B, T, D); mod: (B, 6D), self.ada(c.silu()) (the Denoiser's, all blocks' at once); attn_bias: `attention`"""
+    B, T, D = x.shape  # contiguous_backward below: mod's gradient in a buffer, not summed again in each kernel using it
     shift1, scale1, gate1, shift2, scale2, gate2 = mod.contiguous_backward().unsqueeze(1).chunk(6, dim=-1)  # (B, 1, D)
     q, k, v = [y.reshape(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)  # (B, H, T, D/H)
                for y in self.qkv(modulate(x, shift1, scale1)).chunk(3, dim=-1)]

@@ -21,10 +21,9 @@ from harness.cli import number, positive
 MARKER = re.compile(r"\[MASK(?:\*(\d+))?\]")
 
 def template(prompt:str, keep, length:int|None, context:int, mask_id:int, start:int|None=None) -> np.ndarray:
-  """Token ids with mask_id where text is to be generated. `[MASK]` is one token to fill, `[MASK*N]` N tokens; text
-  outside the markers is kept verbatim. Without markers the prompt is a prefix and the rest, up to length, is generated.
-  start: a token put first (the end of text that a story follows), not counted in length. The prompt must fit the
-  first context; the length need not (block by block, `diffusion.sample_blocks`), up to 100 contexts."""
+  """Token ids with mask_id where text is to be generated: `[MASK]` one token, `[MASK*N]` N; other text kept verbatim.
+  Without markers the prompt is a prefix and the rest, up to length, is generated. start: a token put first (the end of
+  text a story follows), not counted in length. The prompt must fit a context; the length, up to 100 contexts."""
   if re.search(r"\[\s*mask", MARKER.sub("", prompt), re.I):
     raise ValueError("malformed marker in --prompt: write [MASK] or [MASK*N], in capitals, with N >= 1")
   pieces, pos, size, n = [] if start is None else [np.array([start])], 0, int(start is not None), int(start is not None)
@@ -152,8 +151,7 @@ def main(argv=None):
   except KeyboardInterrupt: cli.interrupted("sampling stopped")
   except MemoryError as e: sys.exit(f"error: {cli.why(e)}")
 
-def sample(args, s):
-  """One run of the reverse process (or the quality table), then the texts, the page, the figures, a summary."""
+def sample(args, s):  # one run of the reverse process (or the quality table); the texts, the page, the figures
   cfg, gen, tty = s.model.cfg, s.init == s.model.cfg.mask_id, sys.stdout.isatty()
   args.steps = int(gen.sum()) if cfg.causal else args.steps or -(-int(gen[:cfg.seq_len].sum()) // 4)  # twin: per token
   if args.sweep: return quality.sweep(args, s, reverse_process)  # the quality table instead of one run
@@ -161,7 +159,6 @@ def sample(args, s):
   print(f"sampling {args.num_samples} x {len(s.init) - s.first} tokens" + " on both sides" * bool(s.twin) +
         " (the sampler's kernels compile first: ~20 s on a CPU)...", file=sys.stderr, flush=True)
   runs, labels, wall = run(args, sides, s, None if args.keep_going or args.quality else vocab.eot(s.keep))
-  # the texts up to their story's end, the page, the quality figures, a summary line
   final = runs[0][1][-1]
   ends = [[None if args.keep_going else vocab.story_end(x, ~gen, s.keep) for x in xs[-1]] for _, xs, _ in runs]
   if not args.visualize and not s.twin:

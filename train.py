@@ -77,8 +77,7 @@ def resolve(args, saved:dict|None=None) -> argparse.Namespace:
   if args.causal: args.time_cond = False  # the twin has no noise level to read
   return cli.check_sizes(args)
 
-def learning_rate(step:int, args) -> float:
-  # linear warm-up, then cosine decay to 10% of the peak
+def learning_rate(step:int, args) -> float:  # linear warm-up, then cosine decay to 10% of the peak
   return args.lr * min(1, (step + 1) / args.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1, step / args.steps))))
 
 def batch(tokens, stories, keep, args, rng) -> list[np.ndarray]:
