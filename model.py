@@ -101,8 +101,7 @@ class Denoiser:
     if not self.cfg.time_cond or self.cfg.causal: t = t.zeros_like()
     c = self.t_out(self.t_in(time_features(t)).silu()).cast(self.dtype)  # (B, D)
     h = speed.embed(self.tok_emb, x, self.dtype)                          # tok_emb[x]
-    cos, sin = self.rope[0][:T], self.rope[1][:T]
-    attn_bias = self.causal[:T, :T] if self.cfg.causal else None
+    cos, sin, attn_bias = self.rope[0][:T], self.rope[1][:T], self.causal[:T, :T] if self.cfg.causal else None
     # every block's ada(c.silu()) in one matmul on their weights side by side: its gradient for c is then one long sum
     w, b = [Tensor.cat(*[getattr(block.ada, k) for block in self.blocks]).cast(self.dtype) for k in ("weight", "bias")]
     for block, mod in zip(self.blocks, c.silu().linear(w.T, b).chunk(len(self.blocks), dim=-1)):  # each (B, 6D)

@@ -104,6 +104,7 @@ def setup(args) -> argparse.Namespace:
     if (args.sweep or args.race is not None) and cfg.causal:
       raise ValueError(f"{path} is an autoregressive twin: pass the diffusion model as --ckpt")
     for out in (args.html, args.sweep): display.check_writable(out)
+    devices.check_memory_to_sample(args.num_samples, len(init), cfg, args.steps)
     if args.quality:  # the judge, and the held-out text of the data the model was trained on (the reference row)
       judge = rundir.load_twin(args.judge, keep, "judge")
       ds = prepare.load(meta["args"]["data"], log=lambda *a: print(*a, file=sys.stderr))

@@ -72,6 +72,19 @@ def supported_dtype(dtype:str, device:str|None=None) -> str:
     finally: os.dup2(err, 2); os.close(err); os.close(null)
   return next((d for d in order[order.index(dtype):-1] if computes(d)), "float32")
 
+def check_memory_to_sample(n:int, length:int, cfg, steps:int|None):
+  """Refuses, before any work, samples that need more memory than is free here (Linux's MemAvailable; elsewhere
+  unchecked): one line instead of a machine that swaps or a process the kernel kills. What grows with n: each network
+  evaluation's logits, softmax and float64 Gumbel noise (on a CPU, in this memory) and every recorded state (frames)."""
+  try:
+    with open("/proc/meminfo") as f: free = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
+  except (OSError, StopIteration, ValueError): return
+  frames = (steps or cfg.seq_len // 4) * (1 + 2 * max(0, length - cfg.seq_len) // cfg.seq_len) + 1
+  need = n * (32 * min(length, cfg.seq_len) * cfg.n_tokens * is_cpu() + 2 * 4 * length * frames)
+  if need > free:
+    raise ValueError(f"{n} samples of {length} tokens need about {need / 2**30:.1f} GiB of memory and "
+                     f"{free / 2**30:.1f} GiB is free: lower --num-samples (or --length, --steps)")
+
 def for_batch(batch_size:int, n:int|None=None) -> list[str]:
   """The devices a batch is split over, each taking an equal slice: n devices of the default backend. Left out: two on
   a CPU with two or more cores (tinygrad runs each CPU kernel in the calling thread, so a second CPU device, driven

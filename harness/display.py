@@ -99,7 +99,8 @@ PAGE = """<!doctype html><meta charset="utf-8"><title>tinymdlm: denoising</title
 <button id="play">pause</button> <input id="step" type="range" min="0" max="LAST" value="0" style="width:60%">
 <div id="info"></div>
 <div class="legend"><span class="m">░ masked</span><span class="n">revealed in this step</span>
-<span class="r">░ masked again</span><span class="g">given (the prompt)</span><span class="e">after the story's end</span></div>
+<span class="r">░ masked again</span><span class="g">given (the prompt)</span>
+<span class="e">after the story's end</span></div>
 <div id="out"></div>
 <script id="data" type="application/json">PAYLOAD</script>
 <script>

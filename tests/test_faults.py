@@ -115,6 +115,20 @@ def test_a_prompt_the_vocabulary_cannot_hold_is_said_before_sampling(tiny_run, c
   err = capsys.readouterr().err
   assert "'xylophone'" in err and "'zebra'" in err and err.index("xylophone") < err.index("sampling")
 
+def test_samples_that_need_more_memory_than_is_free_are_refused_before_any_work(tiny_run, monkeypatch, capsys):
+  """What grows with --num-samples (logits, noise, recorded states) is weighed against the memory free: refused in one
+  line before sampling when it does not fit, let through when it does."""
+  from harness import devices
+  def meminfo(free_kib:int):
+    monkeypatch.setattr(devices, "open", lambda *a, **kw: io.StringIO(f"MemTotal: 9 kB\nMemAvailable: {free_kib} kB\n"),
+                        raising=False)
+  meminfo(1024)  # 1 MiB free: 64 tiny samples need ~40 MB
+  message = one_line_error(["--ckpt", str(tiny_run / "ckpt.safetensors"), "--num-samples", "64"], sample.main)
+  assert "lower --num-samples" in message and "sampling" not in capsys.readouterr().err
+  meminfo(1 << 30)  # 1 TiB free
+  sample.main(["--ckpt", str(tiny_run / "ckpt.safetensors"), "--num-samples", "64", "--steps", "2"])
+  assert "64 x " in capsys.readouterr().err
+
 def test_resuming_a_finished_run_says_how_to_train_further_without_compiling(tiny_run, capsys):
   with pytest.raises(SystemExit) as e: train.main(["--out", str(tiny_run), "--resume"])
   out = capsys.readouterr().out
