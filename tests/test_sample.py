@@ -1,5 +1,5 @@
 """sample.py on a tiny checkpoint trained in the test session: prompts, infilling, seeds, the visualizer, HTML, errors."""
-import json, re
+import json, os, re
 from html.parser import HTMLParser
 import numpy as np, pytest
 from tinygrad import Tensor
@@ -203,3 +203,13 @@ def test_without_ckpt_it_samples_your_own_run_if_there_is_one_else_the_shipped_m
   (tmp_path / "out" / "ckpt.safetensors").write_bytes((tiny_run / "ckpt.safetensors").read_bytes())
   sample.main(["--steps", "2"])
   assert "out/ckpt.safetensors: MDLM" in capsys.readouterr().err.replace(str(tmp_path) + "/", "")
+
+def test_the_shipped_models_are_a_diffusion_model_and_its_twin_on_one_vocabulary_as_the_race_needs():
+  """models/ holds what a fresh clone samples, races and judges with: a bidirectional MDLM and a causal twin trained on
+  the same data and vocabulary (load_twin refuses anything else), float16 weight averages, 12 MB together at most."""
+  model, keep, meta = rundir.load_model(rundir.SHIPPED["mdlm"])
+  twin = rundir.load_twin(None, keep, "race")
+  _, _, twin_meta = rundir.load_model(rundir.SHIPPED["twin"])
+  assert not model.cfg.causal and twin.cfg.causal and model.cfg.n_tokens == twin.cfg.n_tokens
+  assert meta["data_key"] == twin_meta["data_key"] and meta["averaged"] and twin_meta["averaged"]
+  assert sum(os.path.getsize(p) for p in rundir.SHIPPED.values()) <= 12e6
