@@ -15,7 +15,7 @@ class Config:
   dim: int = 128
   n_layers: int = 4
   n_heads: int = 4
-  time_cond: bool = True   # off: the network sees only x_t (MDLM: the mask pattern already tells the noise level)
+  time_cond: bool = False  # off: the network sees only x_t (MDLM: the share of masks already tells the noise level)
   causal: bool = False     # the autoregressive twin: each position attends only to itself and the positions before it
 
   @property

@@ -26,7 +26,7 @@ SETTINGS = {  # name: (value, or one per preset; type or choices; help). Each is
   "vocab_size": ((512, 8192, 8192), number(int, 0), "keep the K most frequent training tokens (+ <unk>); 0: all GPT-2"),
   "batch_size": ((8, 8, 64), positive(), "windows per step"),
   "dtype": (("float32", "float32", "bfloat16"), ("float32", "bfloat16", "float16"), "compute dtype (weights: float32)"),
-  "time_cond": (True, bool, "--no-time-cond: the denoiser ignores t (then the sampler can reuse its output)"),
+  "time_cond": (False, bool, "the denoiser reads t; off, it sees only x_t (the sampler can then reuse its output)"),
   "causal": (False, bool, "train the autoregressive twin instead: the same network, causal attention, next-token NLL"),
   "steps": ((40, 3000, 20000), positive(), "optimizer steps"),
   "lr": ((3e-3, 1e-3, 6e-4), positive(float), "peak learning rate"),
@@ -58,8 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   for name, (value, kind, what) in SETTINGS.items():
     flag = "--" + name.replace("_", "-")
     shown = ", ".join(f"{p} {v}" for p, v in zip(PRESETS, value)) if isinstance(value, tuple) else value
-    if kind is bool: p.add_argument(flag.replace("--", "--no-" if value else "--"), dest=name, default=None,
-                                    action="store_false" if value else "store_true", help=what)
+    if kind is bool: p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"{what}; default {shown}")
     else: p.add_argument(flag, type=None if isinstance(kind, tuple) else kind, choices=kind if isinstance(kind, tuple)
                          else None, help=f"{what}; default {shown}")
   args = p.parse_args(argv)

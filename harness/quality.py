@@ -108,7 +108,9 @@ SWEEP = ([setting("ancestral", n) for n in (32, 128)] + [setting("ancestral", n,
 def sweep(args, s, reverse_process) -> list[dict]:
   """--sweep: the same prompt through each SWEEP setting, scored, and plotted into args.sweep."""
   runs = []
-  for setting in SWEEP:
+  for i, setting in enumerate(SWEEP):
+    print(f"setting {i + 1}/{len(SWEEP)}: " + ", ".join(f"{k} {v}" for k, v in setting.items()), file=sys.stderr,
+          flush=True)  # a cell takes up to minutes on a CPU
     a = argparse.Namespace(**{**vars(args), **setting})
     Tensor.manual_seed(args.seed); t0 = time.perf_counter()
     states, nfes = [np.tile(s.init, (args.num_samples, 1))], [0]

@@ -11,7 +11,7 @@ from model import Config, Denoiser, modulate, parameters, rmsnorm, time_features
 from diffusion import SCHEDULES, antithetic_times, nelbo
 from test_diffusion import estimate
 
-CFG = Config(n_tokens=13, seq_len=16, dim=32, n_layers=2, n_heads=2)
+CFG = Config(n_tokens=13, seq_len=16, dim=32, n_layers=2, n_heads=2, time_cond=True)  # every path: t read too
 
 def randomize_modulation(model:Denoiser):
   """adaLN-Zero starts every block as the identity; give the modulation weights values so the blocks act."""

@@ -108,7 +108,7 @@ def test_race_off_a_terminal_prints_both_sides_and_writes_a_page(capsys, tiny_ru
   frames = [f for f in out.split("-" * 40) if f.strip()]
   assert len(frames) == 5 and "\x1b" not in out and all("diffusion (8 NFE)" in f and "autoregressive twin (31 NFE)" in f for f in frames)
   assert frames[0].count(vocab.MASK) > frames[-1].count(vocab.MASK) == 0
-  assert "diffusion: NFE 8 | autoregressive twin: NFE 31" in err  # time-conditioned: one evaluation a step; left to right: one a token
+  assert "diffusion: NFE 8 | autoregressive twin: NFE 31" in err  # confidence: one evaluation a step; left to right: one a token
   page, data = (tmp_path / "race.html").read_text(), page_data(tmp_path / "race.html")
   assert [s["title"] for s in data["samples"]] == ["diffusion", "autoregressive twin"] and len(data["labels"]) == 31 + 1
   assert max(first_reveal(data["samples"][0]["states"])) == 8

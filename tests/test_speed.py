@@ -30,7 +30,7 @@ def test_each_device_computes_its_plain_formula_and_its_gradients(monkeypatch):
 def test_the_switch_runs_the_plain_formulas_and_the_model_computes_the_same(monkeypatch):
   """With speed.PLAIN set no custom backward runs (counted here), and the loss and every gradient of a step are those
   of the speed devices, on this CPU where they are all on."""
-  cfg = Config(n_tokens=200, seq_len=8, dim=32, n_layers=2, n_heads=2)
+  cfg = Config(n_tokens=200, seq_len=8, dim=32, n_layers=2, n_heads=2, time_cond=True)
   x, t = Tensor(np.random.default_rng(0).integers(0, 201, (2, 8)).astype(np.int32)), Tensor([0.3, 0.8])
   results = []
   for plain in (False, True):
