@@ -11,7 +11,8 @@ set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export PYTHONUNBUFFERED=1
 if [ -n "${DRY:-}" ]; then export DEV=NULL:NVCC:sm_90 NULL_ALLOW_COPYOUT=1; T=1; X=6; SEARCH="--search 1 --beam 1"; else
   export DEV=${DEV:-CUDA}  # DEV=NV does not know Hopper
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl && export PYTHONPATH=/tmp/site
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl &&
+    export PYTHONPATH=/tmp/site
   nvrtc=$(find / -name 'libnvrtc.so*' 2>/dev/null | head -1)
   [ -n "$nvrtc" ] && export NVRTC_PATH="$nvrtc" LD_LIBRARY_PATH="$(dirname "$nvrtc"):${LD_LIBRARY_PATH:-}"
   export CACHEDB=$OUT/../tinygrad-cache.db; T=10; X=1; SEARCH="--search 8 --beam 4"
@@ -24,11 +25,15 @@ if [ "${1:-1}" = 1 ]; then
     BEAM=4 timeout 150 python3 .gpu/mm_time.py 2>&1 | tail -4 | tee -a "$OUT/matmul.txt"
   fi
   # before the fill work: tinygrad's own split thresholds (the env wins over kernels.GPU_SPLIT)
-  REDUCEOP_SPLIT_THRESHOLD=32768 REDUCEOP_SPLIT_SIZE=22 timeout $((150 * X)) $bench --profile --top 25 > "$OUT/profile_before.txt" 2>&1
+  REDUCEOP_SPLIT_THRESHOLD=32768 REDUCEOP_SPLIT_SIZE=22 timeout $((150 * X)) $bench --profile --top 25 \
+    > "$OUT/profile_before.txt" 2>&1
   timeout $((150 * X)) $bench --profile --top 25 > "$OUT/profile_after.txt" 2>&1
   timeout $((120 * X)) $bench --steps $T --skip-sample > "$OUT/bench_after.txt" 2>&1
   if [ -z "${DRY:-}" ]; then
-    python3 -c "import lzma; [open(f'/tmp/{s}.txt', 'wb').write(lzma.open(f'data/tinystories/{s}.txt.xz').read()) for s in ('train', 'valid')]"
+    for s in train valid; do  # xz may not be there
+      python3 -c "import lzma, sys; sys.stdout.buffer.write(lzma.open(sys.argv[1]).read())" data/tinystories/$s.txt.xz \
+        > /tmp/$s.txt
+    done
     timeout 120 python3 .gpu/torch_mdlm.py --train /tmp/train.txt --val /tmp/valid.txt --device cuda --dtype bfloat16 \
       --dim 512 --layers 8 --heads 8 --seq-len 256 --batch 64 --vocab-size 8192 --steps 30 --eval-every 1000 \
       --eval-windows 8 --eval-samples 1 2>&1 | tail -1 | tee "$OUT/peer_base.txt"
