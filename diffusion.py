@@ -164,7 +164,7 @@ class Sampler:  # a rule, its parameters' defaults, a new Gumbel draw every eval
   rule: Callable[[Step], Tensor]; options: dict; fresh_noise: bool = True; adaptive: bool = False
 
 SAMPLERS = {"ancestral": Sampler(ancestral, {}, fresh_noise=False),
-            "confidence": Sampler(confidence, {"choice_noise": 4.0}),
+            "confidence": Sampler(confidence, {"choice_noise": 3.0}),
             "threshold": Sampler(threshold, {"tau": 0.9}, adaptive=True),
             "remdm": Sampler(remdm, {"eta": 0.02, "t_on": 0.55, "t_off": 0.05}, fresh_noise=False)}
 

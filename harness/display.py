@@ -162,6 +162,7 @@ def line_plot(path:str, lines:list[tuple[str, list[tuple[float, float]], str, fl
     svg += [f'<polyline points="{" ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in sorted(line))}" fill="none" '
             f'stroke="{color}" stroke-width="{width}"/>',
             f'<text x="{W - m - legend + 10}" y="{m + 16 * i}" fill="{color}">{label}</text>']
+    svg += [f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="3" fill="{color}"/>' for x, y in line]
   with open(path, "w") as f_out: f_out.write("\n".join(svg + ["</svg>"]))
 
 

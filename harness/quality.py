@@ -27,8 +27,10 @@ def distinct(ids, n:int=4) -> float: return len(np.unique(ngrams(ids, n))) / (le
 
 def copied(ids, train_grams:np.ndarray, n:int=8) -> float:
   """The share of a text's n-grams that occur somewhere in the training split (train_grams:
-  np.unique(ngrams(train, n)))."""
-  return float(np.isin(ngrams(ids, n), train_grams).mean())
+  np.unique(ngrams(train, n)), sorted: looked up by bisection, not sorted again for each text as np.isin would)."""
+  grams = ngrams(ids, n)
+  if len(train_grams) == 0: return 0.0  # nothing to copy from
+  return float((train_grams[np.searchsorted(train_grams, grams).clip(0, len(train_grams) - 1)] == grams).mean())
 
 def judge_nll(judge, texts:np.ndarray, start:int) -> np.ndarray:
   """Each text's NLL per token under an autoregressive judge that reads it after `start` (an end of text)."""
@@ -124,11 +126,13 @@ def sweep(args, s, reverse_process) -> list[dict]:
   return rows
 
 def plot(rows:list[dict], svg_path:str):
-  """Generative perplexity against network evaluations per sample, one line per sampler setting (log-log), as an SVG."""
+  """Generative perplexity against network evaluations per sample, one line per sampler setting (an adaptive sampler's
+  across its option), a dot per cell (log-log), as an SVG."""
   series = {}
   for r in rows:
     if r["rows"] == "samples":
-      options = "".join(f" {k}={r[k]}" for k in diffusion.SAMPLERS[r["sampler"]].options if r.get(k))
+      entry = diffusion.SAMPLERS[r["sampler"]]  # an adaptive sampler's option sets its NFE: one line across its values
+      options = "".join(f" {k}={r[k]:g}" for k in entry.options if k in r and not entry.adaptive)
       series.setdefault(f"{r['sampler']} T={r['temperature']} p={r['top_p']}{options}", []).append(
         (r.get("nfe_per_sample", r["nfe"]), r["gen_ppl"][0]))
   lines = [(name, pts, COLORS[i % len(COLORS)], 2) for i, (name, pts) in enumerate(series.items())]
