@@ -141,9 +141,9 @@ show(0);
 COLORS = ["#c33", "#36c", "#393", "#c93", "#939", "#399", "#666", "#960"]
 
 def line_plot(path:str, lines:list[tuple[str, list[tuple[float, float]], str, float]], x_label:str, y_label:str,
-              log:bool=False):
+              log:bool=False, dots:bool=False):
   """An SVG of polylines (no plotting library): lines are (name, [(x, y), ...], colour, stroke width), drawn over a
-  shared scale (log-log with log=True), the names as a legend on the right."""
+  shared scale (log-log with log=True), a dot at each point with dots=True, the names as a legend on the right."""
   pts = [p for _, line, _, _ in lines for p in line]
   f = math.log if log else (lambda v: v)
   (x0, x1) = f(min(x for x, _ in pts)), f(max(x for x, _ in pts))
@@ -162,7 +162,7 @@ def line_plot(path:str, lines:list[tuple[str, list[tuple[float, float]], str, fl
     svg += [f'<polyline points="{" ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in sorted(line))}" fill="none" '
             f'stroke="{color}" stroke-width="{width}"/>',
             f'<text x="{W - m - legend + 10}" y="{m + 16 * i}" fill="{color}">{label}</text>']
-    svg += [f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="3" fill="{color}"/>' for x, y in line]
+    svg += [f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="3" fill="{color}"/>' for x, y in line if dots]
   with open(path, "w") as f_out: f_out.write("\n".join(svg + ["</svg>"]))
 
 

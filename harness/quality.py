@@ -136,4 +136,4 @@ def plot(rows:list[dict], svg_path:str):
       series.setdefault(f"{r['sampler']} T={r['temperature']} p={r['top_p']}{options}", []).append(
         (r.get("nfe_per_sample", r["nfe"]), r["gen_ppl"][0]))
   lines = [(name, pts, COLORS[i % len(COLORS)], 2) for i, (name, pts) in enumerate(series.items())]
-  line_plot(svg_path, lines, "network evaluations per sample (log)", "generative perplexity (log)", log=True)
+  line_plot(svg_path, lines, "network evaluations per sample (log)", "generative perplexity (log)", log=True, dots=True)
