@@ -9,7 +9,7 @@ def number(kind=float, low:float=-math.inf, high:float=math.inf, low_open:bool=F
     except ValueError:
       raise argparse.ArgumentTypeError(f"not a{'n integer' if kind is int else ' number'}: {s!r}") from None
     if not math.isfinite(v) or v < low or v > high or (low_open and v == low) or (high_open and v == high):
-      lo, hi = ("(" if low_open else "[") + f"{low:g}", f"{high:g}" + (")" if high_open else "]")
+      lo, hi = ("(" if low_open else "[") + f"{low:g}", f"{high:g}" + (")" if high_open or high == math.inf else "]")
       raise argparse.ArgumentTypeError(f"must be a finite number in {lo}, {hi}, got {s}")
     return v
   parse.__name__ = kind.__name__  # argparse names the type in its messages

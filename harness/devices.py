@@ -82,8 +82,8 @@ def check_memory_to_sample(n:int, length:int, cfg, steps:int|None):
   frames = (steps or cfg.seq_len // 4) * (1 + 2 * max(0, length - cfg.seq_len) // cfg.seq_len) + 1
   need = n * (32 * min(length, cfg.seq_len) * cfg.n_tokens * is_cpu() + 2 * 4 * length * frames)
   if need > free:
-    raise ValueError(f"{n} samples of {length} tokens need about {need / 2**30:.1f} GiB of memory and "
-                     f"{free / 2**30:.1f} GiB is free: lower --num-samples (or --length, --steps)")
+    raise ValueError(f"{n} sample{'s' * (n > 1)} of {length} tokens in {frames} steps need about {need / 2**30:.1f} "
+                     f"GiB of memory and {free / 2**30:.1f} GiB is free: lower --num-samples, --length or --steps")
 
 def for_batch(batch_size:int, n:int|None=None) -> list[str]:
   """The devices a batch is split over, each taking an equal slice: n devices of the default backend. Left out: two on

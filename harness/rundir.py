@@ -182,8 +182,9 @@ def check_resumable(meta:dict, args, keep, data_key:str, arch:tuple) -> list[str
   saved, out = meta["args"], args.out
   for k in arch + ("preset",):
     if getattr(args, k) != saved.get(k, getattr(args, k)):
+      flag = "--" + "no-" * (getattr(args, k) is False) + k.replace("_", "-")  # a switch turned off: --no-x
       raise ValueError(f"the checkpoint in {out} has {k}={saved[k]}, but you asked for {getattr(args, k)}: drop "
-                       f"--{k.replace('_', '-')} to resume it, or use another --out for a new run")
+                       f"{flag} to resume it, or use another --out for a new run")
   if meta.get("data_key", data_key) != data_key:
     raise ValueError(f"the run in {out} trained on data {saved['data']} with content {meta['data_key']}, but "
                      f"{args.data} now holds {data_key}: restore that data, or use another --out for a new run")
